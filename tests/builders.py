@@ -1,0 +1,84 @@
+"""Tiny real models and data for tests, built in code (no downloaded weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def mlp_onnx(
+    path: Path,
+    in_features: int = 16,
+    hidden: int = 32,
+    classes: int = 4,
+    seed: int = 0,
+    opset: int = 17,
+) -> Path:
+    """x[batch, in] -> MatMul/Add/Relu -> MatMul/Add -> logits[batch, classes], dynamic batch."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.5, (in_features, hidden)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (hidden,)).astype(np.float32)
+    w2 = rng.normal(0, 0.5, (hidden, classes)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, (classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="fc2"),
+        helper.make_node("Add", ["h3", "b2"], ["logits"], name="fc2_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def mlp_data(
+    path: Path, samples: int = 64, in_features: int = 16, classes: int = 4, seed: int = 1, labels: bool = True
+) -> Path:
+    """Random inputs for :func:`mlp_onnx`, optionally with integer labels."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {"x": rng.normal(size=(samples, in_features)).astype(np.float32)}
+    if labels:
+        arrays["labels"] = rng.integers(0, classes, size=samples).astype(np.int64)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def cnn_onnx(path: Path, seed: int = 0, channels: int = 8, classes: int = 10, size: int = 8) -> Path:
+    """A tiny Conv/BN/ReLU/Linear CNN exported from torch: input ``x[batch, 1, size, size]``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1),
+        torch.nn.BatchNorm2d(channels),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(channels, channels, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(channels * 4, classes),
+    ).eval()
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 1, size, size),),
+        str(path),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
+    )
+    return path
