@@ -82,3 +82,53 @@ def cnn_onnx(path: Path, seed: int = 0, channels: int = 8, classes: int = 10, si
         opset_version=17,
     )
     return path
+
+
+def digits_8x8(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (no download) as float32 ``[N, 1, 8, 8]`` in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    order = np.random.default_rng(seed).permutation(len(images))
+    return images[order], digits.target.astype(np.int64)[order]
+
+
+def trained_digits_cnn(model_path: Path, data_path: Path, epochs: int = 4, seed: int = 0) -> tuple[Path, Path]:
+    """Train :func:`cnn_onnx`'s architecture on real digits for a few seconds; write ONNX and held-out .npz."""
+    import torch
+
+    torch.manual_seed(seed)
+    images, labels = digits_8x8(seed)
+    train_x, test_x = torch.from_numpy(images[:1400]), images[1400:]
+    train_y, test_y = torch.from_numpy(labels[:1400]), labels[1400:]
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        for start in range(0, len(train_x), 64):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(train_x[start : start + 64]), train_y[start : start + 64])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    torch.onnx.export(
+        model,
+        (train_x[:2],),
+        str(model_path),
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
+    )
+    np.savez(data_path, x=test_x, labels=test_y)
+    return model_path, data_path

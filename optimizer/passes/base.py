@@ -47,7 +47,6 @@ class PassContext:
     log: Callable[[str], None] = lambda _message: None
     details: dict[str, Any] = field(default_factory=dict)  # what a pass wants in the report
 
-
     def output_path(self, stem: str) -> Path:
         """A fresh file name for a pass's output model inside the work folder."""
         self.work_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,12 @@ from optimizer.passes.base import Pass
 _PASSES: dict[str, type[Pass[Any]]] = {}
 
 # Modules whose import registers passes; imported lazily so nothing heavy runs at import time.
-_PASS_MODULES = ("optimizer.passes.graph", "optimizer.passes.quantize", "optimizer.passes.fp16")
+_PASS_MODULES = (
+    "optimizer.passes.graph",
+    "optimizer.passes.quantize",
+    "optimizer.passes.fp16",
+    "optimizer.passes.fallback",
+)
 
 
 def register(cls: type[Pass[Any]]) -> type[Pass[Any]]:

@@ -1,0 +1,218 @@
+"""Accuracy on the validation split: classification, regression, or fidelity to the baseline.
+
+The task follows the labels (:func:`infer_task`): integer or boolean labels mean classification
+(top-1, and top-5 with at least five classes), float labels mean regression (MSE, MAE), and no
+labels mean fidelity: how close a candidate's outputs stay to the original model's (mean
+per-sample cosine similarity, maximum relative error). The metrics are a few lines of numpy each;
+scikit-learn's versions would need the same reshaping and add an import for no gain.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from optimizer.errors import InvalidData, InvalidModel, UnsupportedModel
+from optimizer.evaluate.latency import fixed_batch_size, run_feed
+from optimizer.report import AccuracyResult
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from optimizer.data import SampleData
+
+Task = Literal["classification", "regression", "fidelity"]
+
+_RELATIVE_FLOOR = 1e-12  # |baseline| below this counts as zero when computing relative drops
+
+
+def infer_task(labels: np.ndarray | None) -> Task:
+    """Integer/bool labels: classification; float labels: regression; no labels: fidelity."""
+    if labels is None:
+        return "fidelity"
+    kind = np.asarray(labels).dtype.kind
+    if kind in "iub":
+        return "classification"
+    if kind == "f":
+        return "regression"
+    raise InvalidData(f"labels must be integers, booleans or floats, got dtype {labels.dtype}")
+
+
+def predict(session: ort.InferenceSession, data: SampleData, batch_size: int) -> list[np.ndarray]:
+    """Every output of ``session`` over all samples, in the session's output order.
+
+    Samples are fed ``batch_size`` at a time; a model whose inputs have a fixed first axis ``B``
+    is fed exactly ``B`` samples per call, the last batch padded by repeating its final sample and
+    the padding trimmed from the outputs.
+    """
+    count = len(data)
+    if count == 0:
+        raise InvalidData("no samples to evaluate")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    fixed = fixed_batch_size(session)
+    step = fixed or batch_size
+    names = [out.name for out in session.get_outputs()]
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for feed in data.batches(step):
+        real = fed = len(next(iter(feed.values())))
+        if fixed is not None and real < fixed:
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)]) for k, v in feed.items()}
+            fed = fixed
+        for index, value in enumerate(run_feed(session, feed)):
+            if not isinstance(value, np.ndarray):
+                raise UnsupportedModel(f"output {names[index]!r} is not a tensor (sequence or map outputs)")
+            if value.ndim == 0 or value.shape[0] != fed:
+                raise UnsupportedModel(f"output {names[index]!r} has no per-sample first axis")
+            chunks[index].append(value[:real])
+    return [np.concatenate(parts, axis=0) for parts in chunks]
+
+
+def score(outputs: list[np.ndarray], data: SampleData, reference: list[np.ndarray] | None = None) -> AccuracyResult:
+    """Score ``outputs`` (from :func:`predict`) against ``data.labels`` or, without labels, ``reference``.
+
+    Classification reads the first output as scores ``[N, C]``: top-1 (and top-5 when C >= 5).
+    A single score per sample is binary (threshold 0.5 when all scores lie in [0, 1], else 0 for
+    logits); an integer first output is taken as predicted labels. Regression: ``mse`` (primary)
+    and ``mae``. Fidelity: ``cosine`` (primary) and ``max_rel_error`` against ``reference``, which
+    is then required (the baseline scored against its own outputs gets cosine 1.0). With labels
+    and a reference, the fidelity values are added to ``metrics`` too.
+    """
+    if not outputs:
+        raise UnsupportedModel("the model has no outputs to score")
+    count = len(data)
+    task = infer_task(data.labels)
+    metrics: dict[str, float] = {}
+    if reference is not None:
+        metrics.update(fidelity(outputs, reference))
+    if task == "fidelity":
+        if reference is None:
+            raise ValueError("fidelity scoring needs the baseline's outputs as reference")
+        return AccuracyResult(
+            task=task,
+            metric="cosine",
+            value=metrics["cosine"],
+            higher_is_better=True,
+            metrics=metrics,
+            samples=count,
+        )
+    assert data.labels is not None  # infer_task returned a labelled task
+    labels = np.asarray(data.labels)
+    first = np.asarray(outputs[0])
+    if labels.size != count or first.shape[:1] != (count,):
+        raise InvalidData(
+            f"expected one label and one output row per sample ({count}), "
+            f"got labels {labels.shape} and output {first.shape}"
+        )
+    labels = labels.reshape(count)
+    if task == "classification":
+        metrics.update(_classification(first, labels))
+        metric, higher = "top1", True
+    else:
+        metrics.update(_regression(first, labels))
+        metric, higher = "mse", False
+    return AccuracyResult(
+        task=task,
+        metric=metric,
+        value=metrics[metric],
+        higher_is_better=higher,
+        metrics=metrics,
+        samples=count,
+    )
+
+
+def _classification(first: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    scores = first.reshape(len(labels), -1)
+    classes = scores.shape[1]
+    if classes == 1:
+        values = scores[:, 0]
+        if values.dtype.kind in "iub":  # the model already outputs predicted labels
+            predicted = values.astype(np.int64)
+        else:
+            values = values.astype(np.float64)
+            threshold = 0.5 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else 0.0
+            predicted = (values > threshold).astype(np.int64)
+        return {"top1": float(np.mean(predicted == labels.astype(np.int64)))}
+    result = {"top1": float(np.mean(np.argmax(scores, axis=1) == labels))}
+    if classes >= 5:
+        top5 = np.argpartition(-scores.astype(np.float64), 4, axis=1)[:, :5]
+        result["top5"] = float(np.mean(np.any(top5 == labels[:, None], axis=1)))
+    return result
+
+
+def _regression(first: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    predicted = first.astype(np.float64).reshape(len(labels), -1)
+    if predicted.shape[1] != 1:
+        raise InvalidData(f"regression labels have one value per sample but the first output has {predicted.shape[1]}")
+    error = predicted[:, 0] - labels.astype(np.float64)
+    return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error)))}
+
+
+def fidelity(outputs: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, float]:
+    """``cosine``: mean per-sample cosine similarity of all outputs flattened and concatenated;
+    ``max_rel_error``: max |output - reference| over max |reference|.
+
+    Two zero vectors have cosine 1, one zero vector against a non-zero one 0. A sample with NaN or
+    infinite values scores 1 only when it equals the reference exactly, else 0; such a mismatch
+    makes ``max_rel_error`` infinite.
+    """
+    if len(outputs) != len(reference):
+        raise InvalidModel(f"the model has {len(outputs)} outputs but the original has {len(reference)}")
+    count = len(reference[0]) if reference and np.ndim(reference[0]) else 0
+    got = _flatten(outputs, count)
+    want = _flatten(reference, count)
+    if got.shape != want.shape:
+        raise InvalidModel(
+            f"output shapes differ from the original model's ({got.shape[1]} vs {want.shape[1]} values per sample)"
+        )
+    finite = np.isfinite(got).all(axis=1) & np.isfinite(want).all(axis=1)
+    with np.errstate(all="ignore"):
+        norm_got = np.linalg.norm(got, axis=1)
+        norm_want = np.linalg.norm(want, axis=1)
+        cosine = np.sum(got * want, axis=1) / (norm_got * norm_want)
+    cosine[(norm_got == 0) & (norm_want == 0)] = 1.0
+    cosine[(norm_got == 0) ^ (norm_want == 0)] = 0.0
+    for row in np.flatnonzero(~finite):
+        cosine[row] = 1.0 if np.array_equal(got[row], want[row], equal_nan=True) else 0.0
+    cosine = np.clip(cosine, -1.0, 1.0)
+
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    with np.errstate(all="ignore"):
+        diff = np.where(same, 0.0, np.abs(got - want))
+    worst = float(np.max(diff)) if diff.size else 0.0
+    finite_want = np.abs(want[np.isfinite(want)])
+    scale = float(finite_want.max()) if finite_want.size else 0.0
+    if not np.isfinite(worst):
+        rel = float("inf")
+    elif scale == 0.0:
+        rel = 0.0 if worst == 0.0 else float("inf")
+    else:
+        rel = worst / scale
+    return {"cosine": float(np.mean(cosine)) if cosine.size else 1.0, "max_rel_error": rel}
+
+
+def _flatten(arrays: list[np.ndarray], count: int) -> np.ndarray:
+    """``[count, values]`` float64: every array's per-sample values, concatenated."""
+    parts = []
+    for array in arrays:
+        array = np.asarray(array)
+        if array.ndim == 0 or array.shape[0] != count:
+            raise InvalidModel(f"an output has {array.shape[:1]} rows where {count} samples were expected")
+        parts.append(array.reshape(count, -1).astype(np.float64))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((count, 0))
+
+
+def accuracy_drop(baseline: AccuracyResult, candidate: AccuracyResult, relative: bool = False) -> float:
+    """How much worse ``candidate`` is than ``baseline``: positive means worse.
+
+    In the metric's units (``baseline - candidate`` for higher-is-better metrics, ``candidate -
+    baseline`` otherwise), or as a fraction of ``|baseline|`` when ``relative`` (a zero baseline
+    is floored at 1e-12, so any loss against a perfect zero error is huge, not a division by zero).
+    """
+    if baseline.metric != candidate.metric:
+        raise ValueError(f"cannot compare {candidate.metric!r} with {baseline.metric!r}")
+    diff = baseline.value - candidate.value if baseline.higher_is_better else candidate.value - baseline.value
+    if not relative:
+        return float(diff)
+    return float(diff / max(abs(baseline.value), _RELATIVE_FLOOR))

@@ -1,0 +1,74 @@
+"""Candidate recipes: which chains of passes the pipeline tries, in which order.
+
+A recipe is a named sequence of ``(pass name, config)`` steps. The default list covers graph
+optimization, dynamic int8 (per-tensor, per-channel, per-channel with reduced range), static int8
+QDQ with three calibration methods, and fp16 on CUDA. Quantized recipes that miss the accuracy
+budget get an accuracy-aware fallback variant (:func:`fallback_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from optimizer.errors import InvalidConfig
+
+Step = tuple[str, dict[str, Any]]
+
+# Fuse first (transformer fusions where they apply) at the portable "basic" level, then quantize:
+# ONNX Runtime's quantizer understands the fused Attention / SkipLayerNormalization ops.
+_PREPARE: Step = ("graph", {"level": "basic"})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named chain of passes producing one candidate."""
+
+    name: str
+    steps: tuple[Step, ...]
+    quantized: bool = False  # eligible for the accuracy-aware fallback
+
+    @property
+    def techniques(self) -> list[str]:
+        """Pass names in order (the registry maps them to report tags)."""
+        return [name for name, _ in self.steps]
+
+
+def default_recipes(device: str) -> list[Recipe]:
+    """Every recipe in the order the pipeline tries them (cheap and likely winners first)."""
+    recipes = [
+        Recipe("graph", (("graph", {"level": "extended"}),)),
+        Recipe("int8-dynamic", (_PREPARE, ("int8_dynamic", {})), quantized=True),
+        Recipe("int8-dynamic-per-channel", (_PREPARE, ("int8_dynamic", {"per_channel": True})), quantized=True),
+        Recipe("int8-static-minmax", (("int8_static", {"calibration": "minmax"}),), quantized=True),
+        Recipe(
+            "int8-dynamic-per-channel-reduce-range",
+            (_PREPARE, ("int8_dynamic", {"per_channel": True, "reduce_range": True})),
+            quantized=True,
+        ),
+        Recipe("int8-static-percentile", (("int8_static", {"calibration": "percentile"}),), quantized=True),
+        Recipe("int8-static-entropy", (("int8_static", {"calibration": "entropy"}),), quantized=True),
+    ]
+    if device == "cuda":
+        recipes.insert(1, Recipe("fp16", (("graph", {"level": "basic"}), ("fp16", {}))))
+    return recipes
+
+
+def select_recipes(device: str, names: tuple[str, ...] | None) -> list[Recipe]:
+    """The default recipes, or the named subset in the given order; unknown names are refused."""
+    available = {recipe.name: recipe for recipe in default_recipes(device)}
+    if names is None:
+        return list(available.values())
+    unknown = [name for name in names if name not in available and name != "fp16"]
+    if unknown:
+        raise InvalidConfig(f"unknown technique {unknown[0]!r}; known: {', '.join(available)}")
+    return [available[name] for name in names if name in available]
+
+
+def fallback_for(recipe: Recipe, max_trials: int) -> Recipe:
+    """The accuracy-aware fallback variant of a quantized recipe: same chain, last step wrapped."""
+    if not recipe.quantized:
+        raise ValueError(f"recipe {recipe.name!r} is not quantized")
+    *prefix, (base, base_config) = recipe.steps
+    wrapped: Step = ("int8_fallback", {"base": base, "base_config": base_config, "max_trials": max_trials})
+    return Recipe(f"{recipe.name}+fallback", (*prefix, wrapped), quantized=False)

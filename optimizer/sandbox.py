@@ -1,0 +1,404 @@
+"""Run one function in a fresh, isolated child process: scrubbed environment, memory and time limits.
+
+``run_isolated(func, *args, **kwargs)`` pickles a top-level function and its arguments, starts a
+new Python interpreter (the "spawn" model: nothing of the parent's memory is inherited), runs the
+call there and hands back its result or its error.
+
+Why not ``multiprocessing``'s spawn context itself: its launcher always passes the parent's whole
+environment to the new interpreter and offers no hook to change it, and scrubbing ``os.environ``
+inside the child is not enough, because ``/proc/self/environ`` keeps the environment the process
+was started with. So the child is launched with :class:`subprocess.Popen` -- the same fresh
+``sys.executable`` interpreter spawn would start -- with an explicit, scrubbed ``env``, in its own
+session (so a timeout kills its whole process group) and in isolated mode (``-I``). Only the
+parent's ``sys.path`` is passed on, so the function's module can be imported.
+
+In the child, before the call is unpickled (which is when user-facing modules get imported):
+``RLIMIT_AS`` (memory), ``RLIMIT_CORE`` = 0 (no core files from crashes) and a parent-death signal.
+``HOME`` and ``TMPDIR`` point to a private temporary folder that is removed afterwards. This is
+not a filesystem jail: the child runs as the same user and sees the same files (containers and
+Kubernetes security contexts are the layer for that).
+
+The reply travels back through a pipe as a pickle that the parent reads with a restricted
+unpickler (plain data only, no classes), because code running in the child is not trusted: a
+crafted reply must not execute code in the parent. So a sandboxed function must return plain
+data: None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, pathlib
+paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import logging
+import os
+import pickle
+import resource
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from optimizer.errors import OptimizerError, SandboxError
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Environment variables passed to the child unchanged (besides any ``LC_*``); nothing else is.
+#: ``CUDA_VISIBLE_DEVICES`` and ``LD_LIBRARY_PATH`` are not secrets, and GPU containers need them
+#: to find their devices and CUDA libraries.
+KEPT_ENV = frozenset(
+    {
+        "PATH",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+        "VECLIB_MAXIMUM_THREADS",
+        "CUDA_VISIBLE_DEVICES",
+        "LD_LIBRARY_PATH",
+    }
+)
+_THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+_MAX_REPLY_BYTES = 64 * 1024**2
+_HEADER = struct.Struct("!Q")
+
+
+class SandboxLimits(BaseModel):
+    """Limits of one sandboxed call.
+
+    ``memory_bytes`` caps the child's virtual address space (``RLIMIT_AS``); torch and ONNX
+    Runtime reserve far more address space than they touch (converting even a tiny torch.export
+    program to ONNX on CPU needs about 1.5 GiB of it), so the default is 8 GiB; None means no cap
+    (CUDA reserves huge address ranges, so GPU workers may need that). ``timeout_s`` is wall-clock time from launch.
+    ``cpu_threads`` sets the usual thread-count variables (OMP, MKL, OpenBLAS) in the child.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    memory_bytes: int | None = Field(default=8 * 1024**3, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)
+    cpu_threads: int | None = Field(default=None, ge=1)
+
+
+class SandboxCrashed(SandboxError):
+    """The child was killed by a signal (a segfault in native code, or an outside SIGKILL)."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+def run_isolated(
+    func: Callable[..., T],
+    *args: Any,
+    limits: SandboxLimits = SandboxLimits(),  # noqa: B008 - frozen, so sharing the default is safe
+    description: str | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call ``func(*args, **kwargs)`` in an isolated child process and return its result.
+
+    ``func`` must be a picklable top-level function; its arguments are pickled to the child and
+    its result must be plain data (see the module docstring). ``description`` names the work in
+    error messages (default: ``sandboxed <function name>``). An :class:`OptimizerError` raised in
+    the child is raised again here with the same class and message; MemoryError, any other
+    exception, a crash (signal) or the timeout become :class:`SandboxError` with one line.
+    """
+    what = description or f"sandboxed {getattr(func, '__name__', 'call')}"
+    private = Path(tempfile.mkdtemp(prefix="slimserve-sandbox-"))
+    try:
+        call_path = private / "call.pkl"
+        with open(call_path, "wb") as fh:
+            try:
+                pickle.dump((func, args, kwargs), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise SandboxError(f"{what} cannot be sent to a child process: {exc}") from exc
+        work = private / "tmp"
+        work.mkdir()
+        reply = _run_child(private, call_path, work, limits, what)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return _unpack(reply, limits, what)
+
+
+def _child_env(work: Path, limits: SandboxLimits) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in KEPT_ENV or k.startswith("LC_")}
+    env["HOME"] = str(work)
+    env["TMPDIR"] = str(work)
+    if limits.cpu_threads is not None:
+        env.update(dict.fromkeys(_THREAD_VARS, str(limits.cpu_threads)))
+    return env
+
+
+_BOOTSTRAP = (
+    "import json, sys\n"
+    "cfg = json.load(open(sys.argv[1]))\n"
+    "sys.path[:] = cfg['sys_path']\n"
+    "from optimizer.sandbox import _child_main\n"
+    "_child_main(cfg)\n"
+)
+
+
+def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits, what: str) -> bytes:
+    """Launch the child, collect its reply; raise SandboxError on timeout, crash or no reply."""
+    read_fd, write_fd = os.pipe()
+    config = {
+        "sys_path": [os.path.abspath(p) for p in sys.path],
+        "call_path": str(call_path),
+        "result_fd": write_fd,
+        "memory_bytes": limits.memory_bytes,
+        "parent_pid": os.getpid(),
+    }
+    config_path = private / "config.json"
+    config_path.write_text(json.dumps(config))
+    stderr_path = private / "stderr.log"
+    deadline = time.monotonic() + limits.timeout_s
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOTSTRAP, str(config_path)],
+                env=_child_env(work, limits),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+        os.close(write_fd)
+        write_fd = -1
+        data, timed_out = _read_reply(read_fd, proc, deadline, what)
+        if timed_out:
+            _kill_group(proc)
+            raise SandboxError(f"{what} timed out after {limits.timeout_s:g} s")
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            if data is None:
+                _kill_group(proc)
+                raise SandboxError(f"{what} timed out after {limits.timeout_s:g} s") from None
+    except OSError as exc:
+        raise SandboxError(f"{what} could not start a child process: {exc.strerror or exc}") from exc
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+        if proc is not None:
+            _kill_group(proc)  # sweep anything the child left running; also reaps the child
+    if data is not None:
+        return data
+    _log.debug("%s: child stderr tail: %s", what, _tail(stderr_path))
+    code = proc.returncode
+    if code is not None and code < 0:
+        name = _signal_name(-code)
+        hint = " (possibly out of memory)" if -code == signal.SIGKILL else ""
+        raise SandboxCrashed(f"{what} crashed ({name}){hint}", name)
+    raise SandboxError(f"{what} exited with status {code} without a result")
+
+
+def _read_reply(fd: int, proc: subprocess.Popen[bytes], deadline: float, what: str) -> tuple[bytes | None, bool]:
+    """(the reply or None when the child gave none, whether the deadline passed)."""
+    buf = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None, True
+        ready, _, _ = select.select([fd], [], [], min(remaining, 0.2))
+        if ready:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:  # every writer closed: the child is done (or dead)
+                break
+            buf += chunk
+            if len(buf) >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buf)
+                if size > _MAX_REPLY_BYTES:
+                    raise SandboxError(f"{what} sent back a reply larger than {_MAX_REPLY_BYTES // 2**20} MiB")
+                if len(buf) >= _HEADER.size + size:
+                    return bytes(buf[_HEADER.size : _HEADER.size + size]), False
+        elif proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+            break  # the child exited; a grandchild may still hold the pipe open
+    return None, False
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's whole process group and reap the child (no zombie)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        proc.wait()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(path.stat().st_size - limit, 0))
+            return fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any class other than the few listed is refused."""
+
+    _ALLOWED = frozenset(
+        {
+            ("builtins", "complex"),
+            ("builtins", "set"),
+            ("builtins", "frozenset"),
+            ("pathlib", "Path"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def _unpack(data: bytes, limits: SandboxLimits, what: str) -> Any:
+    try:
+        reply = _PlainUnpickler(io.BytesIO(data)).load()
+        kind, *rest = reply
+    except Exception as exc:  # a malformed or hostile reply
+        raise SandboxError(f"{what} sent back a reply that is not plain data: {exc}") from exc
+    if kind == "ok":
+        return rest[0]
+    if kind == "memory":
+        limit = "none" if limits.memory_bytes is None else f"{limits.memory_bytes // 2**20} MiB"
+        raise SandboxError(f"{what} ran out of memory (limit {limit})")
+    if kind == "raise":
+        module, qualname, message = (str(x) for x in rest)
+        raise _optimizer_error(module, qualname)(message)
+    if kind == "error":
+        type_name, message = (str(x) for x in rest)
+        raise SandboxError(f"{what} failed: {type_name}: {message}")
+    raise SandboxError(f"{what} sent back an unknown reply")
+
+
+def _optimizer_error(module: str, qualname: str) -> type[OptimizerError]:
+    """The OptimizerError subclass the child named, if it is one of ours; else SandboxError."""
+    if module != "optimizer" and not module.startswith("optimizer."):
+        return SandboxError
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return SandboxError
+    if isinstance(obj, type) and issubclass(obj, OptimizerError) and obj is not SandboxCrashed:
+        return obj
+    return SandboxError
+
+
+# ---------------------------------------------------------------------------------------------
+# Child side
+
+
+def _child_main(config: dict[str, Any]) -> None:
+    """Entry point of the child (called by the bootstrap): limits, the call, the reply, exit."""
+    fd = int(config["result_fd"])
+    memory_reply = _frame(pickle.dumps(("memory",)))  # built before the call: no memory needed later
+    _set_parent_death_signal(int(config["parent_pid"]))
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if config["memory_bytes"] is not None:
+        limit = int(config["memory_bytes"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        payload = _frame(_reply_for_call(config["call_path"]))
+    except MemoryError:
+        payload = memory_reply
+    try:
+        _write_all(fd, payload)
+    except MemoryError:
+        _write_all(fd, memory_reply)
+    finally:
+        os._exit(0)  # skip interpreter teardown: native libraries sometimes crash in it
+
+
+def _reply_for_call(call_path: str) -> bytes:
+    try:
+        with open(call_path, "rb") as fh:
+            func, args, kwargs = pickle.load(fh)
+        result = func(*args, **kwargs)
+        return pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL)
+    except MemoryError:
+        raise
+    except OptimizerError as exc:
+        kind = type(exc)
+        return pickle.dumps(("raise", kind.__module__, kind.__qualname__, str(exc)))
+    except BaseException as exc:
+        if is_out_of_memory(exc):
+            raise MemoryError from exc
+        return pickle.dumps(("error", type(exc).__name__, _one_line(exc)))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when a native library reported an allocation failure (torch, ONNX Runtime, C++)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(
+        marker in text
+        for marker in ("bad_alloc", "bad allocation", "can't allocate memory", "failed to allocate memory")
+    )
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def _frame(data: bytes) -> bytes:
+    return _HEADER.pack(len(data)) + data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    """Linux: SIGKILL this child when the parent dies, so a killed worker leaves no orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)

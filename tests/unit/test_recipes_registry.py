@@ -1,0 +1,46 @@
+"""Recipes and the pass registry (the allow-list of techniques)."""
+
+from __future__ import annotations
+
+import pytest
+
+from optimizer import recipes
+from optimizer.errors import InvalidConfig
+from optimizer.passes import registry
+
+
+def test_every_default_recipe_names_registered_passes_with_valid_configs() -> None:
+    for recipe in recipes.default_recipes("cuda"):
+        for name, config in recipe.steps:
+            registry.build(name, config)  # raises on an unknown pass or config key
+
+
+def test_fp16_only_offered_on_cuda() -> None:
+    assert "fp16" not in {r.name for r in recipes.default_recipes("cpu")}
+    assert "fp16" in {r.name for r in recipes.default_recipes("cuda")}
+
+
+def test_select_keeps_the_requested_order_and_refuses_unknown_names() -> None:
+    chosen = recipes.select_recipes("cpu", ("int8-static-minmax", "graph"))
+    assert [r.name for r in chosen] == ["int8-static-minmax", "graph"]
+    with pytest.raises(InvalidConfig, match="unknown technique 'magic'"):
+        recipes.select_recipes("cpu", ("magic",))
+
+
+def test_fallback_wraps_the_quantization_step() -> None:
+    recipe = next(r for r in recipes.default_recipes("cpu") if r.name == "int8-dynamic-per-channel")
+    wrapped = recipes.fallback_for(recipe, max_trials=3)
+    assert wrapped.name == "int8-dynamic-per-channel+fallback"
+    name, config = wrapped.steps[-1]
+    assert name == "int8_fallback" and config["base"] == "int8_dynamic"
+    assert config["base_config"] == {"per_channel": True}
+    registry.build(name, config)
+    with pytest.raises(ValueError):
+        recipes.fallback_for(recipes.default_recipes("cpu")[0], 3)
+
+
+def test_registry_refuses_unknown_pass_and_unknown_keys() -> None:
+    with pytest.raises(InvalidConfig, match="unknown pass"):
+        registry.build("nope")
+    with pytest.raises(InvalidConfig, match="int8_dynamic"):
+        registry.build("int8_dynamic", {"per_chanel": True})
