@@ -104,7 +104,8 @@ class _Run:
         self.device = resolve_device(config.device)
         self.runtime = RuntimeOptions(device=self.device, intra_op_threads=config.intra_op_threads)
         self.skipped: list[Skipped] = []
-        self.built: dict[str, ModelArtifact] = {}  # step-chain key -> output, so shared prefixes run once
+        # Outputs by step-chain key (shared prefixes run once) and by recipe name (the candidates).
+        self.built: dict[str, ModelArtifact] = {}
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -139,7 +140,7 @@ class _Run:
         candidates = [c.model_copy(update={"pareto": flag}) for c, flag in zip(candidates, flags, strict=True)]
         chosen = select.choose(candidates, self.config.objective)
         if chosen is not None:
-            chosen_artifact = self.built[_key_of(chosen)]
+            chosen_artifact = self.built[chosen.name]
             bottlenecks = self.evaluator.bottlenecks(chosen_artifact)
             candidates = [
                 c.model_copy(update={"bottlenecks": bottlenecks}) if c.name == chosen.name else c for c in candidates
@@ -176,7 +177,7 @@ class _Run:
             chosen_reason=select.chosen_reason(chosen, self.config.objective, candidates),
         )
         self.progress("done", 1.0)
-        return report, (self.built[_key_of(chosen)].path if chosen else original.path)
+        return report, (self.built[chosen.name].path if chosen else original.path)
 
     def _candidates(self, original: ModelArtifact, calibration: sample_data.SampleData) -> list[Candidate]:
         plan = recipes.select_recipes(self.device, self.config.techniques)
@@ -259,10 +260,6 @@ class _Run:
 
 def _chain_key(steps: tuple[recipes.Step, ...]) -> str:
     return json.dumps(steps, sort_keys=True)
-
-
-def _key_of(candidate: Candidate) -> str:
-    return candidate.name
 
 
 def _label_kind(task: str) -> Literal["classification", "regression", "none"]:

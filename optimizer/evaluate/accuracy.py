@@ -100,14 +100,15 @@ def score(outputs: list[np.ndarray], data: SampleData, reference: list[np.ndarra
     assert data.labels is not None  # infer_task returned a labelled task
     labels = np.asarray(data.labels)
     first = np.asarray(outputs[0])
-    if labels.size != count or first.shape[:1] != (count,):
+    if labels.shape[:1] != (count,) or first.shape[:1] != (count,):
         raise InvalidData(
             f"expected one label and one output row per sample ({count}), "
             f"got labels {labels.shape} and output {first.shape}"
         )
-    labels = labels.reshape(count)
     if task == "classification":
-        metrics.update(_classification(first, labels))
+        if labels.size != count:
+            raise InvalidData(f"classification labels must be one class per sample, got shape {labels.shape}")
+        metrics.update(_classification(first, labels.reshape(count)))
         metric, higher = "top1", True
     else:
         metrics.update(_regression(first, labels))
@@ -142,10 +143,16 @@ def _classification(first: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def _regression(first: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    predicted = first.astype(np.float64).reshape(len(labels), -1)
-    if predicted.shape[1] != 1:
-        raise InvalidData(f"regression labels have one value per sample but the first output has {predicted.shape[1]}")
-    error = predicted[:, 0] - labels.astype(np.float64)
+    """MSE and MAE over every target value; labels hold one value or one row per sample."""
+    count = len(labels)
+    predicted = first.astype(np.float64).reshape(count, -1)
+    targets = labels.astype(np.float64).reshape(count, -1)
+    if predicted.shape != targets.shape:
+        raise InvalidData(
+            f"regression labels have {targets.shape[1]} value(s) per sample but the first output has "
+            f"{predicted.shape[1]}"
+        )
+    error = predicted - targets
     return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error)))}
 
 

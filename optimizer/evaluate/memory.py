@@ -44,8 +44,8 @@ def peak_memory(
     """
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
-    # Not a daemon: the optimizer may itself run in a daemonic sandbox child, which cannot have
-    # daemonic children; the finally block below reaps the child instead.
+    # Not a daemon (a daemonic process may not start children of its own); the finally block
+    # below reaps the child instead.
     process = ctx.Process(
         target=_child, args=(str(model_path), feed, options, max(runs, 1), sender), name="slimserve-memory"
     )

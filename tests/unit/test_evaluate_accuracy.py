@@ -130,6 +130,14 @@ def test_mse_and_mae_by_hand() -> None:
     assert result.metrics["mae"] == pytest.approx(1.5 / 4)
 
 
+def test_multi_target_regression_by_hand() -> None:
+    predicted = np.array([[1.0, 0.0], [2.0, 2.0]], np.float32)
+    labels = np.array([[1.0, 1.0], [0.0, 2.0]], np.float32)
+    result = score([predicted], _data(2, labels))
+    assert result.value == pytest.approx((0 + 1 + 4 + 0) / 4)
+    assert result.metrics["mae"] == pytest.approx((0 + 1 + 2 + 0) / 4)
+
+
 def test_regression_needs_one_output_value_per_label() -> None:
     with pytest.raises(InvalidData, match="regression"):
         score([np.zeros((4, 2), np.float32)], _data(4, np.zeros(4, np.float32)))
