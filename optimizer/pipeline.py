@@ -31,7 +31,7 @@ from optimizer.passes import registry
 from optimizer.passes.base import PassContext
 from optimizer.report import Budget, Candidate, DataSummary, ModelSummary, Report, Skipped, write_json
 from optimizer.report_html import write_html
-from optimizer.runtime import Device, RuntimeOptions, resolve_device
+from optimizer.runtime import Device, RuntimeOptions, cpu_has_vnni, resolve_device
 
 ProgressFn = Callable[[str, float], None]
 
@@ -180,7 +180,7 @@ class _Run:
         return report, (self.built[chosen.name].path if chosen else original.path)
 
     def _candidates(self, original: ModelArtifact, calibration: sample_data.SampleData) -> list[Candidate]:
-        plan = recipes.select_recipes(self.device, self.config.techniques)
+        plan = recipes.select_recipes(self.device, self.config.techniques, vnni=cpu_has_vnni())
         measured: list[Candidate] = []
         retry: list[recipes.Recipe] = []
         context = PassContext(

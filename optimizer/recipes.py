@@ -34,29 +34,34 @@ class Recipe:
         return [name for name, _ in self.steps]
 
 
-def default_recipes(device: str) -> list[Recipe]:
-    """Every recipe in the order the pipeline tries them (cheap and likely winners first)."""
+def default_recipes(device: str, vnni: bool = True) -> list[Recipe]:
+    """Every recipe in the order the pipeline tries them (cheap and likely winners first).
+
+    ``vnni=False`` (an x86 CPU without 8-bit dot-product instructions) gives static quantization
+    7-bit weights: ONNX Runtime's u8s8 kernels can saturate there and lose accuracy.
+    """
+    static = {"reduce_range": True} if device == "cpu" and not vnni else {}
     recipes = [
         Recipe("graph", (("graph", {"level": "extended"}),)),
         Recipe("int8-dynamic", (_PREPARE, ("int8_dynamic", {})), quantized=True),
         Recipe("int8-dynamic-per-channel", (_PREPARE, ("int8_dynamic", {"per_channel": True})), quantized=True),
-        Recipe("int8-static-minmax", (("int8_static", {"calibration": "minmax"}),), quantized=True),
+        Recipe("int8-static-minmax", (("int8_static", {"calibration": "minmax", **static}),), quantized=True),
         Recipe(
             "int8-dynamic-per-channel-reduce-range",
             (_PREPARE, ("int8_dynamic", {"per_channel": True, "reduce_range": True})),
             quantized=True,
         ),
-        Recipe("int8-static-percentile", (("int8_static", {"calibration": "percentile"}),), quantized=True),
-        Recipe("int8-static-entropy", (("int8_static", {"calibration": "entropy"}),), quantized=True),
+        Recipe("int8-static-percentile", (("int8_static", {"calibration": "percentile", **static}),), quantized=True),
+        Recipe("int8-static-entropy", (("int8_static", {"calibration": "entropy", **static}),), quantized=True),
     ]
     if device == "cuda":
         recipes.insert(1, Recipe("fp16", (("graph", {"level": "basic"}), ("fp16", {}))))
     return recipes
 
 
-def select_recipes(device: str, names: tuple[str, ...] | None) -> list[Recipe]:
+def select_recipes(device: str, names: tuple[str, ...] | None, vnni: bool = True) -> list[Recipe]:
     """The default recipes, or the named subset in the given order; unknown names are refused."""
-    available = {recipe.name: recipe for recipe in default_recipes(device)}
+    available = {recipe.name: recipe for recipe in default_recipes(device, vnni)}
     if names is None:
         return list(available.values())
     unknown = [name for name in names if name not in available and name != "fp16"]

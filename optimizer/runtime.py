@@ -50,6 +50,23 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in available_providers()
 
 
+def cpu_has_vnni() -> bool:
+    """True when the CPU has 8-bit dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX).
+
+    Without them ONNX Runtime's u8s8 int8 kernels can saturate (x86 AVX2 ``vpmaddubsw``), which
+    is why static quantization then uses 7-bit weights (``reduce_range``).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
     """``auto`` becomes ``cuda`` when the CUDA provider is present, else ``cpu``."""
     if device == "auto":

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import onnx
+from pydantic import Field
 
 from optimizer.artifact import ModelArtifact
 from optimizer.errors import PassFailed
@@ -50,6 +51,71 @@ def looks_like_transformer(model: onnx.ModelProto) -> bool:
     return any(node.op_type == "Softmax" and _fed_by_matmul(node, producers, hops=3) for node in nodes)
 
 
+def attention_shape(model: onnx.ModelProto) -> tuple[int, int]:
+    """``(num_heads, hidden_size)`` read from the graph, or ``(0, 0)`` to let ORT try its own detection.
+
+    ORT's detector reads the head count from the Q/K/V Reshape's constant shape; exporters that write
+    ``view(..., -1, head_dim)`` (recent transformers releases) leave it -1 there, and the fusion then
+    skips Attention. The hidden size is the width of the layer norms' scale; the head size is the last
+    constant of the 4-D Reshape shapes (a constant tensor or a Concat of one-element pieces). Without a
+    ``LayerNormalization`` node the hidden size is the width of the square projection weights.
+    """
+    from onnx import numpy_helper
+
+    constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    hidden = Counter(
+        int(constants[node.input[1]].size)
+        for node in model.graph.node
+        if node.op_type == "LayerNormalization" and len(node.input) > 1 and node.input[1] in constants
+    )
+    if not hidden:  # layer norm exported as ReduceMean/Pow/Sqrt: the square Q/K/V/O projections
+        hidden = Counter(
+            int(weight.shape[0])
+            for node in model.graph.node
+            if node.op_type == "MatMul"
+            and (weight := constants.get(node.input[1])) is not None
+            and weight.ndim == 2
+            and weight.shape[0] == weight.shape[1]
+        )
+    head_sizes: Counter[int] = Counter()
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        shape = _shape_values(node.input[1], constants, producers)
+        if shape is not None and len(shape) == 4 and shape[3] > 0:
+            head_sizes[shape[3]] += 1
+    if not hidden or not head_sizes:
+        return 0, 0
+    width = hidden.most_common(1)[0][0]
+    for head, _count in head_sizes.most_common():
+        if width % head == 0 and width // head > 0:
+            return width // head, width
+    return 0, 0
+
+
+def _shape_values(name: str, constants: dict[str, Any], producers: dict[str, onnx.NodeProto]) -> list[int] | None:
+    """A Reshape's target shape when it is constant, or a Concat whose last pieces are (unknown -> 0)."""
+    if name in constants:
+        return [int(v) for v in constants[name].reshape(-1)]
+    producer = producers.get(name)
+    if producer is None or producer.op_type != "Concat":
+        return None
+    values: list[int] = []
+    for piece in producer.input:
+        value = constants.get(piece)
+        if value is None:
+            values.append(0)
+        elif value.size == 1:
+            values.append(int(value.reshape(-1)[0]))
+        else:
+            return None
+    return values
+
+
 def _fed_by_matmul(node: onnx.NodeProto, producers: dict[str, onnx.NodeProto], hops: int) -> bool:
     for name in node.input:
         producer = producers.get(name)
@@ -67,6 +133,8 @@ class GraphOptimizationConfig(PassConfig):
 
     level: Literal["basic", "extended"] = "extended"
     transformer_fusion: Literal["auto", "on", "off"] = "auto"
+    num_heads: int = Field(default=0, ge=0)  # 0: detect from the graph
+    hidden_size: int = Field(default=0, ge=0)  # 0: detect from the graph
 
 
 @register
@@ -113,10 +181,13 @@ class GraphOptimization(Pass[GraphOptimizationConfig]):
     def _fuse(self, source: Path, target: Path, large: bool, context: PassContext) -> dict[str, Any]:
         from onnxruntime.transformers.optimizer import optimize_model
 
+        heads, hidden = self.config.num_heads, self.config.hidden_size
+        if not (heads and hidden):
+            heads, hidden = attention_shape(onnx.load(str(source), load_external_data=False))
         try:
             with quiet_stdout(), scratch_cwd(target.parent):
                 optimized = optimize_model(
-                    str(source), model_type="bert", num_heads=0, hidden_size=0, opt_level=0, use_gpu=False
+                    str(source), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0, use_gpu=False
                 )
                 stats = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
                 optimized.save_model_to_file(str(target), use_external_data_format=large)
@@ -126,7 +197,7 @@ class GraphOptimization(Pass[GraphOptimizationConfig]):
                 raise PassFailed(f"{self.name}: transformer fusion failed: {message}") from exc
             context.log(f"{self.name}: transformer fusion skipped: {message}")
             return {"applied": False, "note": f"transformer fusion failed ({message}); skipped"}
-        return {"applied": True, "fused_operators": stats}
+        return {"applied": True, "fused_operators": stats, "num_heads": heads, "hidden_size": hidden}
 
     def _optimize(self, source: Path, output: Path, large: bool, context: PassContext) -> None:
         import onnxruntime as ort

@@ -241,8 +241,26 @@ class DynamicQuantization(QuantizationPass[DynamicQuantizationConfig]):
     config_class: ClassVar[type[PassConfig]] = DynamicQuantizationConfig
 
     def _prepare(self, model: ModelArtifact, context: PassContext, scratch: Path) -> Prepared:
+        from onnxruntime.quantization import quant_pre_process
+
         prepared = super()._prepare(model, context, scratch)
         prepared.notes.update(weight_type=self.config.weight_type, per_channel=self.config.per_channel)
+        # Shape inference only (no optimization: that would merge MatMul+Add into Gemm, which the
+        # dynamic quantizer leaves alone). Fused transformer ops (Attention, BiasGelu...) carry no
+        # output types otherwise, and quantize_dynamic refuses MatMuls reading from them.
+        inferred = scratch / "inferred.onnx"
+        try:
+            with scratch_cwd(scratch):
+                quant_pre_process(
+                    str(prepared.model.path),
+                    str(inferred),
+                    skip_optimization=True,
+                    save_as_external_data=model.size_bytes > LARGE_MODEL_BYTES,
+                )
+        except Exception as exc:  # symbolic shape inference gives up on some graphs; quantize as is
+            prepared.notes["shape_inference_note"] = f"shape inference failed ({one_line(exc, scratch)})"
+            return prepared
+        prepared.model = ModelArtifact.from_onnx_file(inferred)
         return prepared
 
     def _quantize(self, prepared: Prepared, output: Path, exclude: list[str]) -> None:

@@ -17,7 +17,7 @@ from optimizer.data import SampleData
 from optimizer.errors import InvalidConfig, PassFailed
 from optimizer.passes import registry
 from optimizer.passes.base import PassContext
-from optimizer.passes.graph import looks_like_transformer
+from optimizer.passes.graph import attention_shape, looks_like_transformer
 
 RNG = np.random.default_rng(3)
 
@@ -70,10 +70,12 @@ def conv_bn_relu(path: Path) -> Path:
     return path
 
 
-def bert_layer(path: Path, opset: int) -> Path:
+def bert_layer(path: Path, opset: int, heads_in_graph: bool = True) -> Path:
     """One BERT-style encoder layer (attention with a padding mask, GELU FFN, post layer norms).
 
-    At opset 17 torch exports ``LayerNormalization``; at 13 the ReduceMean/Pow/Sqrt pattern.
+    At opset 17 torch exports ``LayerNormalization``; at 13 the ReduceMean/Pow/Sqrt pattern. With
+    ``heads_in_graph=False`` heads are split as ``view(b, s, -1, head_dim)`` (recent transformers),
+    which leaves -1 where ONNX Runtime's own detector looks for the head count.
     """
     import torch
 
@@ -88,7 +90,8 @@ def bert_layer(path: Path, opset: int) -> Path:
             self.up, self.down = torch.nn.Linear(dim, 4 * dim), torch.nn.Linear(4 * dim, dim)
 
         def split(self, t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], t.shape[1], heads, dim // heads).transpose(1, 2)
+            count = heads if heads_in_graph else -1
+            return t.view(t.shape[0], t.shape[1], count, dim // heads).transpose(1, 2)
 
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
@@ -176,6 +179,27 @@ def test_transformer_fusion_fuses_attention_and_keeps_outputs(bert13: Path, tmp_
     feed = bert_feed()
     assert cosine(run(bert13, feed), run(out.path, feed)) > 0.9999
     assert sorted(p.name for p in ctx.work_dir.iterdir()) == [out.path.name]
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_heads_are_detected_when_the_export_hides_them(opset: int, tmp_path: Path) -> None:
+    path = bert_layer(tmp_path / "hidden-heads.onnx", opset, heads_in_graph=False)
+    assert attention_shape(onnx.load(str(path))) == (2, 16)
+    ctx = context(tmp_path / "work")
+    out = registry.build("graph").run(ModelArtifact.from_onnx_file(path), ctx)
+    assert ctx.details["transformer_fusion"]["fused_operators"]["Attention"] == 1
+    feed = bert_feed()
+    assert cosine(run(path, feed), run(out.path, feed)) > 0.9999
+
+
+def test_dynamic_quantization_of_a_fused_transformer_uses_qattention(bert13: Path, tmp_path: Path) -> None:
+    ctx = context(tmp_path)
+    fused = registry.build("graph", {"level": "basic"}).run(ModelArtifact.from_onnx_file(bert13), ctx)
+    quantized = registry.build("int8_dynamic").run(fused, ctx)
+    counts = ops(quantized.path)
+    assert counts["QAttention"] == 1 and counts["MatMulInteger"] >= 2
+    feed = bert_feed()
+    assert cosine(run(bert13, feed), run(quantized.path, feed)) > 0.99
 
 
 def test_transformer_fusion_off_leaves_attention_unfused(bert13: Path, tmp_path: Path) -> None:

@@ -44,3 +44,11 @@ def test_registry_refuses_unknown_pass_and_unknown_keys() -> None:
         registry.build("nope")
     with pytest.raises(InvalidConfig, match="int8_dynamic"):
         registry.build("int8_dynamic", {"per_chanel": True})
+
+
+def test_static_quantization_uses_7_bit_weights_on_cpus_without_vnni() -> None:
+    def static_configs(vnni: bool) -> list[dict[str, object]]:
+        return [c for r in recipes.default_recipes("cpu", vnni) for n, c in r.steps if n == "int8_static"]
+
+    assert all(c.get("reduce_range") is True for c in static_configs(vnni=False))
+    assert not any(c.get("reduce_range") for c in static_configs(vnni=True))
