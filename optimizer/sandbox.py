@@ -57,7 +57,8 @@ T = TypeVar("T")
 
 #: Environment variables passed to the child unchanged (besides any ``LC_*``); nothing else is.
 #: ``CUDA_VISIBLE_DEVICES`` and ``LD_LIBRARY_PATH`` are not secrets, and GPU containers need them
-#: to find their devices and CUDA libraries.
+#: to find their devices and CUDA libraries; ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` keep
+#: numpy's OpenBLAS on a safe kernel where a host sets them for a CPU it misdetects.
 KEPT_ENV = frozenset(
     {
         "PATH",
@@ -71,6 +72,8 @@ KEPT_ENV = frozenset(
         "VECLIB_MAXIMUM_THREADS",
         "CUDA_VISIBLE_DEVICES",
         "LD_LIBRARY_PATH",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
     }
 )
 _THREAD_VARS = (
