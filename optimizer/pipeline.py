@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,6 +106,7 @@ class _Run:
         self.skipped: list[Skipped] = []
         # Outputs by step-chain key (shared prefixes run once) and by recipe name (the candidates).
         self.built: dict[str, ModelArtifact] = {}
+        self.step_details: dict[str, dict[str, Any]] = {}  # what each built step reported
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -235,11 +236,12 @@ class _Run:
                     self.skipped.append(Skipped(name=recipe.name, reason=reason))
                     return None
                 key = _chain_key(recipe.steps[: index + 1])
-                context.details = {}
                 if key not in self.built:
+                    context.details = {}
                     self.built[key] = step.run(artifact, context)
+                    self.step_details[key] = dict(context.details)
                 artifact = self.built[key]
-                applied.append({**registry.describe(step), "details": dict(context.details)})
+                applied.append({**registry.describe(step), "details": self.step_details[key]})
                 techniques.append(step.technique)
         except OptimizerError as exc:
             message = str(exc) if isinstance(exc, PassFailed) else f"{recipe.name}: {exc}"

@@ -78,3 +78,13 @@ def test_bad_data_raises_and_leaves_no_output(mlp_model: Path, tmp_path: Path) -
     with pytest.raises(InvalidData, match="'x'"):
         optimize(mlp_model, data, tmp_path / "out", OptimizeConfig(**FAST))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "wrong.npz"]
+
+
+def test_a_shared_first_step_reports_its_details_in_every_candidate(
+    mlp_model: Path, mlp_samples: Path, tmp_path: Path
+) -> None:
+    config = OptimizeConfig(techniques=("int8-dynamic", "int8-dynamic-per-channel"), fallback=False, **FAST)
+    report = optimize(mlp_model, mlp_samples, tmp_path / "out", config)
+    first, second = report.candidates
+    assert first.passes[0] == second.passes[0]  # the shared graph step, with its details
+    assert first.passes[0]["details"]["level"] == "basic"
