@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,9 +72,16 @@ def cnn_onnx(path: Path, seed: int = 0, channels: int = 8, classes: int = 10, si
         torch.nn.Flatten(),
         torch.nn.Linear(channels * 4, classes),
     ).eval()
+    return export_image_classifier(model, torch.randn(2, 1, size, size), path)
+
+
+def export_image_classifier(model: Any, example: Any, path: Path) -> Path:
+    """``torch.onnx.export`` with input ``x``, output ``logits``, a dynamic batch axis, opset 17."""
+    import torch
+
     torch.onnx.export(
         model,
-        (torch.randn(2, 1, size, size),),
+        (example,),
         str(path),
         input_names=["x"],
         output_names=["logits"],
@@ -120,15 +128,6 @@ def trained_digits_cnn(model_path: Path, data_path: Path, epochs: int = 4, seed:
             loss.backward()
             optimizer.step()
     model.eval()
-    torch.onnx.export(
-        model,
-        (train_x[:2],),
-        str(model_path),
-        input_names=["x"],
-        output_names=["logits"],
-        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-        opset_version=17,
-    )
+    export_image_classifier(model, train_x[:2], model_path)
     np.savez(data_path, x=test_x, labels=test_y)
     return model_path, data_path
