@@ -162,11 +162,21 @@ _BOOTSTRAP = (
 )
 
 
+def child_sys_path() -> list[str]:
+    """The parent's ``sys.path`` for the child, without entries that are package folders.
+
+    ``onnxruntime.transformers`` appends its own package folder (which holds an ``optimizer.py``)
+    to ``sys.path`` when imported; passed on, it would shadow our ``optimizer`` package in the child.
+    A folder with an ``__init__.py`` is a package, never a legitimate import root.
+    """
+    return [os.path.abspath(p) for p in sys.path if not os.path.isfile(os.path.join(p or ".", "__init__.py"))]
+
+
 def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits, what: str) -> bytes:
     """Launch the child, collect its reply; raise SandboxError on timeout, crash or no reply."""
     read_fd, write_fd = os.pipe()
     config = {
-        "sys_path": [os.path.abspath(p) for p in sys.path],
+        "sys_path": child_sys_path(),
         "call_path": str(call_path),
         "result_fd": write_fd,
         "memory_bytes": limits.memory_bytes,

@@ -1,6 +1,7 @@
 """Peak memory of loading a model and running one feed, measured in a fresh child process.
 
-A fresh ``spawn`` child keeps the parent's allocations out of the number. The child resets the
+A fresh child interpreter (started by :func:`optimizer.sandbox.run_isolated`) keeps the parent's
+allocations out of the number. The child resets the
 kernel's high-water mark (``/proc/self/clear_refs``), records its resident size with psutil,
 creates the session, runs the feed and reads the new high-water mark (``VmHWM``); the result is the
 difference. ``getrusage(RUSAGE_SELF).ru_maxrss`` is only a fallback where ``/proc`` is missing: on
@@ -13,11 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import sys
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -39,54 +37,19 @@ def peak_memory(
 ) -> int | None:
     """Extra peak resident bytes of creating a session for ``model_path`` and running ``feed``.
 
-    Measured in a ``spawn`` child process; None when the child fails, crashes or exceeds
-    ``timeout_s`` (the reason is logged at debug level).
+    Measured in a fresh child interpreter (the sandbox's launcher, without its memory cap); None
+    when the child fails, crashes or exceeds ``timeout_s`` (the reason is logged at debug level).
     """
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    # Not a daemon (a daemonic process may not start children of its own); the finally block
-    # below reaps the child instead.
-    process = ctx.Process(
-        target=_child, args=(str(model_path), feed, options, max(runs, 1), sender), name="slimserve-memory"
-    )
+    from optimizer.errors import OptimizerError
+    from optimizer.sandbox import SandboxLimits, run_isolated
+
+    limits = SandboxLimits(memory_bytes=None, timeout_s=timeout_s)
     try:
-        process.start()
-        sender.close()
-        if not receiver.poll(timeout_s):
-            _log.debug("memory measurement timed out after %.0f s", timeout_s)
-            return None
-        outcome: tuple[str, Any] = receiver.recv()
-    except (OSError, EOFError, RuntimeError) as exc:  # child died, could not start, or pipe broke
+        peak = run_isolated(_measure, Path(model_path), feed, options, max(runs, 1), limits=limits)
+    except OptimizerError as exc:
         _log.debug("memory measurement failed: %s", exc)
         return None
-    finally:
-        receiver.close()
-        _reap(process)
-    status, value = outcome
-    if status != "ok":
-        _log.debug("memory measurement failed in the child: %s", value)
-        return None
-    return int(value)
-
-
-def _reap(process: multiprocessing.process.BaseProcess) -> None:
-    if process.pid is None:  # never started
-        return
-    process.join(timeout=5)
-    if process.is_alive():
-        process.kill()
-        process.join()
-
-
-def _child(model_path: str, feed: dict[str, np.ndarray], options: RuntimeOptions, runs: int, conn: Connection) -> None:
-    """Child-process entry: send ``("ok", bytes)`` or ``("error", one line)`` through ``conn``."""
-    try:
-        conn.send(("ok", _measure(Path(model_path), feed, options, runs)))
-    except BaseException as exc:  # report anything, never let the child hang the parent
-        lines = str(exc).strip().splitlines()
-        conn.send(("error", f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"))
-    finally:
-        conn.close()
+    return int(peak)
 
 
 def _measure(model_path: Path, feed: dict[str, np.ndarray], options: RuntimeOptions, runs: int) -> int:

@@ -45,6 +45,7 @@ def test_report_holds_the_contract_fields(optimized: Path) -> None:
     for entry in [raw["baseline"], *raw["candidates"]]:
         assert {"accuracy", "latency_ms", "throughput", "size_bytes"} <= entry.keys()
         assert {"p50", "p95", "p99"} <= entry["latency_ms"].keys()
+        assert entry["peak_memory_bytes"] > 0  # measured in a child for every model
     for candidate in raw["candidates"]:
         assert {"name", "techniques", "accuracy_drop", "accepted", "pareto"} <= candidate.keys()
     names = {c["name"] for c in raw["candidates"]}

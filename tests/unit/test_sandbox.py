@@ -173,3 +173,18 @@ def test_limits_are_validated() -> None:
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError):
         SandboxLimits(memory_bytes=-1)
+
+
+def optimizer_package_file() -> str:
+    import optimizer
+
+    return str(optimizer.__file__)
+
+
+def test_onnxruntime_transformers_path_does_not_shadow_our_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing onnxruntime.transformers appends its folder (with an optimizer.py) to sys.path."""
+    import onnxruntime.transformers.optimizer
+
+    ort_folder = os.path.dirname(onnxruntime.transformers.optimizer.__file__)
+    monkeypatch.setattr(sys, "path", [ort_folder, *sys.path])  # the worst case: first on the path
+    assert run_isolated(optimizer_package_file).endswith(os.path.join("optimizer", "__init__.py"))
