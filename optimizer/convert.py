@@ -21,8 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from optimizer.data import SampleData
-from optimizer.errors import ConversionFailed, InvalidData, InvalidModel, UnsupportedModel
-from optimizer.onnx_checks import first_line
+from optimizer.errors import ConversionFailed, InvalidData, InvalidModel, UnsupportedModel, first_line
 
 SourceFormat = Literal["onnx", "torchscript", "torch_export"]  # what a model file is, sniffed from its bytes
 

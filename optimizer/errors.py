@@ -7,6 +7,8 @@ with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class OptimizerError(Exception):
     """Base of every error the optimizer raises on purpose."""
@@ -42,3 +44,16 @@ class InvalidConfig(OptimizerError):
 
 class SandboxError(OptimizerError):
     """A sandboxed child process crashed, ran out of memory or time."""
+
+
+def first_line(exc: BaseException, *folders: Path | str, limit: int = 300) -> str:
+    """A third-party exception's first non-empty message line (its type name when there is none).
+
+    Each of ``folders`` (scratch or work folders) is cut out of the text, so no temporary path
+    reaches a user.
+    """
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    for folder in sorted({str(f) for f in folders}, key=len, reverse=True):
+        text = text.replace(folder + "/", "").replace(folder, "")
+    return text[:limit]

@@ -19,7 +19,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.data import SampleData
-from optimizer.errors import InvalidData, InvalidModel, UnsupportedModel
+from optimizer.errors import InvalidData, InvalidModel, UnsupportedModel, first_line
 from optimizer.safezip import ZipLimits
 from optimizer.sandbox import is_out_of_memory
 
@@ -329,11 +329,6 @@ def _warm_up_feed(inputs: list[Any], example: SampleData | None) -> dict[str, np
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:limit] if lines else type(exc).__name__
 
 
 def _clip(text: str, limit: int = 80) -> str:

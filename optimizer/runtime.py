@@ -13,7 +13,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimizer.errors import InvalidConfig, InvalidModel
+from optimizer.errors import InvalidConfig, InvalidModel, first_line
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -116,9 +116,4 @@ def create_session(
             source, sess_options=session_options(options, **overrides), providers=select_providers(options)
         )
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        raise InvalidModel(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+        raise InvalidModel(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimizer.errors import OptimizerError, SandboxError
+from optimizer.errors import OptimizerError, SandboxError, first_line
 
 _log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def _reply_for_call(call_path: str) -> bytes:
     except BaseException as exc:
         if is_out_of_memory(exc):
             raise MemoryError from exc
-        return pickle.dumps(("error", type(exc).__name__, _one_line(exc)))
+        return pickle.dumps(("error", type(exc).__name__, first_line(exc)))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -384,11 +384,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
         marker in text
         for marker in ("bad_alloc", "bad allocation", "can't allocate memory", "failed to allocate memory")
     )
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
 
 
 def _frame(data: bytes) -> bytes:

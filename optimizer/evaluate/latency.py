@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from optimizer.errors import InvalidModel
+from optimizer.errors import InvalidModel, first_line
 from optimizer.report import BatchPerformance, LatencyStats
 
 if TYPE_CHECKING:
@@ -41,9 +41,7 @@ def run_feed(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list
     try:
         return list(session.run(None, feed))
     except Exception as exc:  # onnxruntime raises its own pybind exception types
-        lines = str(exc).strip().splitlines()
-        detail = lines[0][:300] if lines else type(exc).__name__
-        raise InvalidModel(f"inference failed: {detail}") from exc
+        raise InvalidModel(f"inference failed: {first_line(exc)}") from exc
 
 
 def measure(

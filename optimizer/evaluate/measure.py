@@ -44,18 +44,31 @@ class Evaluator:
         self.measure_memory = measure_memory
         self._reference: list[np.ndarray] | None = None
         self._baseline: Measurement | None = None
-        self._drops: dict[str, float] = {}
+        self._scores: dict[
+            tuple[str, int, int], AccuracyResult
+        ] = {}  # by model file: a fallback's winner is scored once
 
     def _session(self, model: ModelArtifact) -> ort.InferenceSession:
         return create_session(model.path, self.runtime)
 
-    def _measure(self, model: ModelArtifact, session: ort.InferenceSession) -> tuple[Measurement, list[np.ndarray]]:
+    def _score(self, model: ModelArtifact, session: ort.InferenceSession | None = None) -> AccuracyResult:
+        """Accuracy against the baseline's reference, computed once per model file.
+
+        Keyed by path, size and modification time: passes delete rejected trial files, and a later
+        file may take a freed name.
+        """
+        stat = model.path.stat()
+        key = (str(model.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._scores:
+            outputs = accuracy.predict(session or self._session(model), self.validation, self.serving_batch_size)
+            self._scores[key] = accuracy.score(outputs, self.validation, reference=self._reference)
+        return self._scores[key]
+
+    def _measure(self, model: ModelArtifact, session: ort.InferenceSession, result: AccuracyResult) -> Measurement:
         fixed = latency.fixed_batch_size(session)
         if fixed is not None:
             self.serving_batch_size = fixed
         batch_sizes = sorted({fixed or 1, self.serving_batch_size})
-        outputs = accuracy.predict(session, self.validation, self.serving_batch_size)
-        result = accuracy.score(outputs, self.validation, reference=self._reference or outputs)
         performance = [
             latency.measure(session, self.validation, size, max_seconds=self.latency_seconds) for size in batch_sizes
         ]
@@ -63,7 +76,7 @@ class Evaluator:
         peak = None
         if self.measure_memory:
             peak = memory.peak_memory(model.path, self.validation.batch(self.serving_batch_size), self.runtime)
-        measured = Measurement(
+        return Measurement(
             accuracy=result,
             latency_ms=serving.latency_ms,
             throughput=serving.throughput,
@@ -71,16 +84,15 @@ class Evaluator:
             peak_memory_bytes=peak,
             performance=performance,
         )
-        return measured, outputs
 
     def baseline(self, model: ModelArtifact) -> Measurement:
         """Measure the original model; its outputs become the fidelity reference."""
         session = self._session(model)
-        self._reference = None
-        measured, self._reference = self._measure(model, session)
-        measured = measured.model_copy(update={"bottlenecks": self.bottlenecks(model)})
-        self._baseline = measured
-        return measured
+        self._reference = accuracy.predict(session, self.validation, self.serving_batch_size)
+        result = accuracy.score(self._reference, self.validation, reference=self._reference)
+        measured = self._measure(model, session, result)
+        self._baseline = measured.model_copy(update={"bottlenecks": self.bottlenecks(model)})
+        return self._baseline
 
     def _require_baseline(self) -> Measurement:
         if self._baseline is None:
@@ -95,12 +107,7 @@ class Evaluator:
         """A function measuring only accuracy (no timing), for passes that steer by it."""
 
         def measure_drop(model: ModelArtifact) -> float:
-            key = str(model.path)
-            if key not in self._drops:
-                outputs = accuracy.predict(self._session(model), self.validation, self.serving_batch_size)
-                result = accuracy.score(outputs, self.validation, reference=self._reference)
-                self._drops[key] = self.drop(result, relative)
-            return self._drops[key]
+            return self.drop(self._score(model), relative)
 
         return measure_drop
 
@@ -117,7 +124,8 @@ class Evaluator:
     ) -> Candidate:
         """Measure a candidate and judge it against the baseline and the budget."""
         base = self._require_baseline()
-        measured, _ = self._measure(model, self._session(model))
+        session = self._session(model)
+        measured = self._measure(model, session, self._score(model, session))
         drop = self.drop(measured.accuracy, relative)
         accepted, reason = acceptance(drop, budget, measured.throughput, base.throughput)
         return Candidate(

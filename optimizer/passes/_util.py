@@ -1,4 +1,4 @@
-"""Small helpers the passes share: output size policy, path-free messages, quiet tool output."""
+"""Small helpers the passes share: output size policy, a scratch working directory, quiet tool output."""
 
 from __future__ import annotations
 
@@ -35,15 +35,6 @@ def scratch_cwd(folder: Path) -> Iterator[None]:
             yield
         finally:
             os.chdir(previous)
-
-
-def one_line(exc: BaseException, *folders: Path) -> str:
-    """The first line of an exception's message, with ``folders`` (scratch, work dir) cut from paths."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
-    for folder in sorted({str(f) for f in folders}, key=len, reverse=True):
-        text = text.replace(folder + "/", "").replace(folder, "")
-    return text[:300]
 
 
 @contextmanager

@@ -33,9 +33,9 @@ from pydantic import Field, model_validator
 
 from optimizer.artifact import ModelArtifact
 from optimizer.data import SampleData
-from optimizer.errors import InvalidConfig, OptimizerError, PassFailed
+from optimizer.errors import InvalidConfig, OptimizerError, PassFailed, first_line
 from optimizer.passes import registry
-from optimizer.passes._util import one_line, quiet_stdout
+from optimizer.passes._util import quiet_stdout
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.quantize import (
     FeedReader,
@@ -110,7 +110,7 @@ def _activations(model: Path, staged: Path, feeds: list[dict[str, np.ndarray]]) 
         with quiet_stdout():
             return collect_activations(str(augmented), FeedReader(feeds))
     except Exception as exc:  # onnx/ORT errors while augmenting or running
-        raise PassFailed(f"sensitivity analysis failed: {one_line(exc, staged.parent)}") from exc
+        raise PassFailed(f"sensitivity analysis failed: {first_line(exc, staged.parent)}") from exc
 
 
 def _qdq_errors(float_acts: dict[str, list[np.ndarray]], quant_acts: dict[str, list[np.ndarray]]) -> dict[str, float]:

@@ -14,8 +14,8 @@ from typing import ClassVar
 import onnx
 
 from optimizer.artifact import ModelArtifact
-from optimizer.errors import PassFailed
-from optimizer.passes._util import LARGE_MODEL_BYTES, one_line
+from optimizer.errors import PassFailed, first_line
+from optimizer.passes._util import LARGE_MODEL_BYTES
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.registry import register
 
@@ -61,7 +61,7 @@ class Float16(Pass[Float16Config]):
             )
         except Exception as exc:  # the converter raises ValueError/AssertionError, onnx its own errors
             output.unlink(missing_ok=True)
-            raise PassFailed(f"{self.name}: {one_line(exc, model.path.parent, context.work_dir)}") from exc
+            raise PassFailed(f"{self.name}: {first_line(exc, model.path.parent, context.work_dir)}") from exc
         kinds = Counter(
             onnx.TensorProto.DataType.Name(init.data_type)
             for init in onnx.load(str(output), load_external_data=False).graph.initializer

@@ -28,8 +28,8 @@ import onnx
 from pydantic import Field
 
 from optimizer.artifact import ModelArtifact
-from optimizer.errors import PassFailed
-from optimizer.passes._util import LARGE_MODEL_BYTES, one_line, quiet_stdout, scratch_cwd
+from optimizer.errors import PassFailed, first_line
+from optimizer.passes._util import LARGE_MODEL_BYTES, quiet_stdout, scratch_cwd
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.registry import register
 
@@ -192,7 +192,7 @@ class GraphOptimization(Pass[GraphOptimizationConfig]):
                 stats = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
                 optimized.save_model_to_file(str(target), use_external_data_format=large)
         except Exception as exc:  # the fusion scripts raise assorted errors on graphs they do not expect
-            message = one_line(exc, target.parent, source.parent, context.work_dir)
+            message = first_line(exc, target.parent, source.parent, context.work_dir)
             if self.config.transformer_fusion == "on":
                 raise PassFailed(f"{self.name}: transformer fusion failed: {message}") from exc
             context.log(f"{self.name}: transformer fusion skipped: {message}")
@@ -217,7 +217,7 @@ class GraphOptimization(Pass[GraphOptimizationConfig]):
             ort.InferenceSession(str(source), sess_options=so, providers=select_providers(options))
         except Exception as exc:  # onnxruntime raises its own pybind exception types
             output.unlink(missing_ok=True)
-            reason = one_line(exc, source.parent, context.work_dir)
+            reason = first_line(exc, source.parent, context.work_dir)
             raise PassFailed(f"{self.name}: ONNX Runtime could not optimize the model: {reason}") from exc
         if not output.exists():
             raise PassFailed(f"{self.name}: ONNX Runtime wrote no optimized model")

@@ -33,8 +33,8 @@ from pydantic import Field, model_validator
 
 from optimizer.artifact import ModelArtifact
 from optimizer.data import SampleData
-from optimizer.errors import PassFailed
-from optimizer.passes._util import LARGE_MODEL_BYTES, one_line, quiet_stdout, scratch_cwd
+from optimizer.errors import PassFailed, first_line
+from optimizer.passes._util import LARGE_MODEL_BYTES, quiet_stdout, scratch_cwd
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.registry import register
 
@@ -106,7 +106,7 @@ def stage_model(source: Path, target: Path) -> Path:
     try:
         model = onnx.load(str(source))
     except Exception as exc:  # onnx raises DecodeError, OSError, ...
-        raise PassFailed(f"cannot read the model: {one_line(exc, source.parent, target.parent)}") from exc
+        raise PassFailed(f"cannot read the model: {first_line(exc, source.parent, target.parent)}") from exc
     used = {node.name for node in model.graph.node if node.name}
     for index, node in enumerate(model.graph.node):
         if not node.name:
@@ -200,7 +200,7 @@ class QuantizationPass(Pass[QC]):
             raise
         except Exception as exc:  # ORT's quantizer raises ValueError, RuntimeError, onnx errors
             output.unlink(missing_ok=True)
-            raise PassFailed(f"{self.name}: {one_line(exc, prepared.scratch, context.work_dir)}") from exc
+            raise PassFailed(f"{self.name}: {first_line(exc, prepared.scratch, context.work_dir)}") from exc
         summary = quantization_summary(output)
         if summary["int8_initializers"] == 0 and not summary["quantization_ops"]:
             output.unlink(missing_ok=True)
@@ -258,7 +258,7 @@ class DynamicQuantization(QuantizationPass[DynamicQuantizationConfig]):
                     save_as_external_data=model.size_bytes > LARGE_MODEL_BYTES,
                 )
         except Exception as exc:  # symbolic shape inference gives up on some graphs; quantize as is
-            prepared.notes["shape_inference_note"] = f"shape inference failed ({one_line(exc, scratch)})"
+            prepared.notes["shape_inference_note"] = f"shape inference failed ({first_line(exc, scratch)})"
             return prepared
         prepared.model = ModelArtifact.from_onnx_file(inferred)
         return prepared
@@ -323,7 +323,7 @@ class StaticQuantization(QuantizationPass[StaticQuantizationConfig]):
                 failure = None
                 break
             except Exception as exc:  # symbolic shape inference or ORT's optimizer failed
-                failure = one_line(exc, scratch, context.work_dir)
+                failure = first_line(exc, scratch, context.work_dir)
         notes["preprocessed"] = failure is None
         if failure is not None:
             context.log(f"{self.name}: pre-processing failed, quantizing the raw model")
@@ -341,7 +341,7 @@ class StaticQuantization(QuantizationPass[StaticQuantizationConfig]):
         try:
             self._calibrate(preprocessed, feeds, scratch / "augmented.onnx", cache)
         except Exception as exc:
-            reason = one_line(exc, scratch, context.work_dir)
+            reason = first_line(exc, scratch, context.work_dir)
             raise PassFailed(f"{self.name}: calibration failed: {reason}") from exc
         notes["calibration_samples"] = min(len(context.calibration), self.config.max_calibration_samples)
         notes["calibration_batches"] = len(feeds)
