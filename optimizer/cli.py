@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--out", type=Path, required=True, help="output folder (model.onnx, report.json, report.html)")
     opt.add_argument("--max-accuracy-drop", type=float, default=0.01, help="allowed drop in the metric's units")
     opt.add_argument("--relative", action="store_true", help="the allowed drop is a fraction of the baseline metric")
+    opt.add_argument(
+        "--task",
+        choices=["auto", "classification", "regression", "fidelity"],
+        default="auto",
+        help="what accuracy means (auto: from the labels; fidelity ignores labels)",
+    )
+    opt.add_argument(
+        "--metric",
+        help="primary metric: top1/top5 (classification), mse/mae (regression), cosine/max_rel_error (fidelity)",
+    )
     opt.add_argument("--objective", choices=["throughput", "latency", "size"], default="throughput")
     opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     opt.add_argument("--time-budget", type=float, default=900.0, metavar="SECONDS")
@@ -72,6 +82,8 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     config = OptimizeConfig(
         max_accuracy_drop=args.max_accuracy_drop,
         relative=args.relative,
+        task=args.task,
+        metric=args.metric,
         objective=args.objective,
         device=args.device,
         time_budget_s=args.time_budget,

@@ -20,12 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from optimizer import data as sample_data
 from optimizer import datasplit, io, recipes, select
 from optimizer.artifact import ModelArtifact
 from optimizer.errors import OptimizerError, PassFailed
+from optimizer.evaluate import accuracy
 from optimizer.evaluate.measure import Evaluator
 from optimizer.passes import registry
 from optimizer.passes.base import PassContext
@@ -43,6 +45,8 @@ class OptimizeConfig(BaseModel):
 
     max_accuracy_drop: float = Field(default=0.01, ge=0)
     relative: bool = False  # the drop is a fraction of the baseline's metric instead of absolute units
+    task: accuracy.TaskOption = "auto"  # auto: from the labels (integers classify, floats regress, none: fidelity)
+    metric: str | None = None  # the primary metric (budget, drop, report); None = the task's default
     objective: Literal["throughput", "latency", "size"] = "throughput"
     device: Device = "auto"
     time_budget_s: float = Field(default=900.0, gt=0)
@@ -55,6 +59,19 @@ class OptimizeConfig(BaseModel):
     intra_op_threads: int = Field(default=0, ge=0)
     latency_seconds: float = Field(default=2.0, gt=0, le=120)  # timing per batch size per model
     measure_memory: bool = True
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_fits_task(cls, metric: str | None, info: ValidationInfo) -> str | None:
+        """The metric must be one of the task's (any task's for auto); one line otherwise."""
+        task = info.data.get("task", "auto")  # absent when the task itself was invalid
+        problem = accuracy.metric_problem(task, metric)
+        if problem is None and metric == "max_rel_error" and info.data.get("relative"):
+            # The original's max_rel_error is 0 by construction: any relative drop would be infinite.
+            problem = "max_rel_error cannot take a relative budget (the original's is always 0)"
+        if problem is not None:
+            raise PydanticCustomError("metric_mismatch", "{problem}", {"problem": problem})
+        return metric
 
 
 def optimize(
@@ -123,12 +140,16 @@ class _Run:
         split = datasplit.prepare(
             data_path, original, seed=self.config.seed, calibration_fraction=self.config.calibration_fraction
         )
+        task = accuracy.resolve_task(split.validation.labels, self.config.task)
+        metric = accuracy.resolve_metric(task, self.config.metric, inferred=self.config.task == "auto")
         self.evaluator = Evaluator(
             split.validation,
             self.runtime,
             serving_batch_size=self.config.serving_batch_size,
             latency_seconds=self.config.latency_seconds,
             measure_memory=self.config.measure_memory,
+            task=task,
+            metric=metric,
         )
 
         self.progress("baseline", 0.1)

@@ -1,10 +1,12 @@
 """Accuracy on the validation split: classification, regression, or fidelity to the baseline.
 
-The task follows the labels (:func:`infer_task`): integer or boolean labels mean classification
-(top-1, and top-5 with at least five classes), float labels mean regression (MSE, MAE), and no
-labels mean fidelity: how close a candidate's outputs stay to the original model's (mean
-per-sample cosine similarity, maximum relative error). The metrics are a few lines of numpy each;
-scikit-learn's versions would need the same reshaping and add an import for no gain.
+By default the task follows the labels (:func:`infer_task`): integer or boolean labels mean
+classification (top-1, and top-5 with at least five classes), float labels mean regression (MSE,
+MAE), and no labels mean fidelity: how close a candidate's outputs stay to the original model's
+(mean per-sample cosine similarity, maximum relative error). A task and a primary metric can also
+be chosen (:func:`resolve_task`, :func:`resolve_metric`); forced fidelity ignores any labels.
+The metrics are a few lines of numpy each; scikit-learn's versions would need the same reshaping
+and add an import for no gain.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from optimizer.errors import InvalidData, InvalidModel, UnsupportedModel
+from optimizer.errors import InvalidConfig, InvalidData, InvalidModel, UnsupportedModel
 from optimizer.evaluate.latency import fixed_batch_size, run_feed
 from optimizer.report import AccuracyResult
 
@@ -23,6 +25,23 @@ if TYPE_CHECKING:
     from optimizer.data import SampleData
 
 Task = Literal["classification", "regression", "fidelity"]
+TaskOption = Literal["auto", "classification", "regression", "fidelity"]
+
+#: The metrics each task computes, its default primary metric first.
+TASK_METRICS: dict[Task, tuple[str, ...]] = {
+    "classification": ("top1", "top5"),
+    "regression": ("mse", "mae"),
+    "fidelity": ("cosine", "max_rel_error"),
+}
+#: Whether a larger value of a metric is better (accuracies and similarity) or worse (errors).
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "top1": True,
+    "top5": True,
+    "mse": False,
+    "mae": False,
+    "cosine": True,
+    "max_rel_error": False,
+}
 
 _RELATIVE_FLOOR = 1e-12  # |baseline| below this counts as zero when computing relative drops
 
@@ -37,6 +56,61 @@ def infer_task(labels: np.ndarray | None) -> Task:
     if kind == "f":
         return "regression"
     raise InvalidData(f"labels must be integers, booleans or floats, got dtype {labels.dtype}")
+
+
+def resolve_task(labels: np.ndarray | None, task: TaskOption = "auto") -> Task:
+    """The task to score by: inferred from ``labels`` for ``"auto"``, else ``task`` if the labels fit it.
+
+    ``"fidelity"`` always fits (labels are then ignored); ``"classification"`` needs integer or
+    boolean labels and ``"regression"`` float labels, else InvalidData.
+    """
+    if task == "auto":
+        return infer_task(labels)
+    if task == "fidelity":
+        return "fidelity"
+    if task not in ("classification", "regression"):
+        raise InvalidConfig(f"unknown task {task!r}; choose auto, classification, regression or fidelity")
+    wanted = "integer class labels" if task == "classification" else "float target labels"
+    if labels is None:
+        raise InvalidData(f"task {task} needs {wanted} in the sample data (a 'labels' array), found none")
+    found = infer_task(labels)
+    if found != task:
+        hint = "store class indices as integers" if task == "classification" else "store the targets as floats"
+        raise InvalidData(f"task {task} needs {wanted}, but the labels are {labels.dtype} ({found}); {hint}")
+    return task
+
+
+def metric_problem(task: TaskOption, metric: str | None) -> str | None:
+    """What is wrong with ``metric`` for ``task`` (any task's metric passes ``"auto"``), else None.
+
+    Phrased to follow the option's name (``metric: 'mse' does not fit task classification; ...``).
+    None (the task's default) always passes.
+    """
+    if metric is None:
+        return None
+    if task == "auto":
+        known = [name for names in TASK_METRICS.values() for name in names]
+        if metric not in known:
+            return f"{metric!r} is unknown; choose {', '.join(known[:-1])} or {known[-1]}"
+        return None
+    if task not in TASK_METRICS:
+        return f"task {task!r} is unknown; choose auto, classification, regression or fidelity"
+    if metric not in TASK_METRICS[task]:
+        return f"{metric!r} does not fit task {task}; choose {' or '.join(TASK_METRICS[task])}"
+    return None
+
+
+def resolve_metric(task: Task, metric: str | None, inferred: bool = False) -> str:
+    """The primary metric for ``task``: ``metric``, or the task's default when None.
+
+    ``inferred`` says the task came from the labels (``task="auto"``), for a clearer refusal.
+    """
+    if metric is None:
+        return TASK_METRICS[task][0]
+    if metric not in TASK_METRICS[task]:
+        why = f"the labels make this a {task} task" if inferred else f"it does not fit task {task}"
+        raise InvalidConfig(f"metric {metric!r} cannot be used: {why}; choose {' or '.join(TASK_METRICS[task])}")
+    return metric
 
 
 def predict(session: ort.InferenceSession, data: SampleData, batch_size: int) -> list[np.ndarray]:
@@ -69,8 +143,18 @@ def predict(session: ort.InferenceSession, data: SampleData, batch_size: int) ->
     return [np.concatenate(parts, axis=0) for parts in chunks]
 
 
-def score(outputs: list[np.ndarray], data: SampleData, reference: list[np.ndarray] | None = None) -> AccuracyResult:
+def score(
+    outputs: list[np.ndarray],
+    data: SampleData,
+    reference: list[np.ndarray] | None = None,
+    *,
+    task: TaskOption = "auto",
+    metric: str | None = None,
+) -> AccuracyResult:
     """Score ``outputs`` (from :func:`predict`) against ``data.labels`` or, without labels, ``reference``.
+
+    ``task`` (see :func:`resolve_task`) and ``metric`` (one of the task's :data:`TASK_METRICS`;
+    None = its default) choose the primary value; forced ``"fidelity"`` ignores the labels.
 
     Classification reads the first output as scores ``[N, C]``: top-1 (and top-5 when C >= 5).
     A single score per sample is binary (threshold 0.5 when all scores lie in [0, 1], else 0 for
@@ -82,22 +166,16 @@ def score(outputs: list[np.ndarray], data: SampleData, reference: list[np.ndarra
     if not outputs:
         raise UnsupportedModel("the model has no outputs to score")
     count = len(data)
-    task = infer_task(data.labels)
+    chosen = resolve_task(data.labels, task)
+    primary = resolve_metric(chosen, metric, inferred=task == "auto")
     metrics: dict[str, float] = {}
     if reference is not None:
         metrics.update(fidelity(outputs, reference))
-    if task == "fidelity":
+    if chosen == "fidelity":
         if reference is None:
             raise ValueError("fidelity scoring needs the baseline's outputs as reference")
-        return AccuracyResult(
-            task=task,
-            metric="cosine",
-            value=metrics["cosine"],
-            higher_is_better=True,
-            metrics=metrics,
-            samples=count,
-        )
-    assert data.labels is not None  # infer_task returned a labelled task
+        return _result(chosen, primary, metrics, count)
+    assert data.labels is not None  # resolve_task returned a labelled task
     labels = np.asarray(data.labels)
     first = np.asarray(outputs[0])
     if labels.shape[:1] != (count,) or first.shape[:1] != (count,):
@@ -105,19 +183,24 @@ def score(outputs: list[np.ndarray], data: SampleData, reference: list[np.ndarra
             f"expected one label and one output row per sample ({count}), "
             f"got labels {labels.shape} and output {first.shape}"
         )
-    if task == "classification":
+    if chosen == "classification":
         if labels.size != count:
             raise InvalidData(f"classification labels must be one class per sample, got shape {labels.shape}")
         metrics.update(_classification(first, labels.reshape(count)))
-        metric, higher = "top1", True
     else:
         metrics.update(_regression(first, labels))
-        metric, higher = "mse", False
+    if primary not in metrics:  # top5 is computed only with at least five class scores
+        width = first.reshape(count, -1).shape[1]
+        raise InvalidData(f"metric {primary} needs at least 5 class scores per sample, the model outputs {width}")
+    return _result(chosen, primary, metrics, count)
+
+
+def _result(task: Task, metric: str, metrics: dict[str, float], count: int) -> AccuracyResult:
     return AccuracyResult(
         task=task,
         metric=metric,
         value=metrics[metric],
-        higher_is_better=higher,
+        higher_is_better=HIGHER_IS_BETTER[metric],
         metrics=metrics,
         samples=count,
     )

@@ -26,7 +26,11 @@ from optimizer.select import acceptance
 
 
 class Evaluator:
-    """Measures models against one baseline; call :meth:`baseline` first."""
+    """Measures models against one baseline; call :meth:`baseline` first.
+
+    ``task`` and ``metric`` choose what accuracy means (see :func:`accuracy.score`); the defaults
+    infer the task from the labels and use its default metric.
+    """
 
     def __init__(
         self,
@@ -36,8 +40,12 @@ class Evaluator:
         serving_batch_size: int = 32,
         latency_seconds: float = 2.0,
         measure_memory: bool = True,
+        task: accuracy.TaskOption = "auto",
+        metric: str | None = None,
     ) -> None:
         self.validation = validation
+        self.task = task
+        self.metric = metric
         self.runtime = runtime
         self.serving_batch_size = serving_batch_size
         self.latency_seconds = latency_seconds
@@ -61,8 +69,11 @@ class Evaluator:
         key = (str(model.path), stat.st_size, stat.st_mtime_ns)
         if key not in self._scores:
             outputs = accuracy.predict(session or self._session(model), self.validation, self.serving_batch_size)
-            self._scores[key] = accuracy.score(outputs, self.validation, reference=self._reference)
+            self._scores[key] = self._score_outputs(outputs)
         return self._scores[key]
+
+    def _score_outputs(self, outputs: list[np.ndarray]) -> AccuracyResult:
+        return accuracy.score(outputs, self.validation, self._reference, task=self.task, metric=self.metric)
 
     def _measure(self, model: ModelArtifact, session: ort.InferenceSession, result: AccuracyResult) -> Measurement:
         fixed = latency.fixed_batch_size(session)
@@ -89,7 +100,7 @@ class Evaluator:
         """Measure the original model; its outputs become the fidelity reference."""
         session = self._session(model)
         self._reference = accuracy.predict(session, self.validation, self.serving_batch_size)
-        result = accuracy.score(self._reference, self.validation, reference=self._reference)
+        result = self._score_outputs(self._reference)
         measured = self._measure(model, session, result)
         self._baseline = measured.model_copy(update={"bottlenecks": self.bottlenecks(model)})
         return self._baseline

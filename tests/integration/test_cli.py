@@ -89,7 +89,18 @@ def _leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing-model", "text-model", "pickle-model", "missing-input", "nan-data", "bad-option"],
+    [
+        "missing-model",
+        "text-model",
+        "pickle-model",
+        "missing-input",
+        "nan-data",
+        "bad-option",
+        "task-metric-mismatch",
+        "metric-of-another-task",
+        "task-without-labels",
+        "task-with-wrong-labels",
+    ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(
     case: str, digits: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -112,12 +123,52 @@ def test_bad_input_is_one_line_and_leaves_nothing(
         np.savez(data, x=np.full((4, 1, 8, 8), np.nan, np.float32))
     elif case == "bad-option":
         args = ["--max-accuracy-drop", "-1"]
+    elif case == "task-metric-mismatch":
+        args = ["--task", "regression", "--metric", "top1"]
+    elif case == "metric-of-another-task":  # auto: the integer labels make it classification
+        args = ["--metric", "mse"]
+    elif case == "task-without-labels":
+        data = tmp_path / "data.npz"
+        np.savez(data, x=np.load(digits[1])["x"])
+        args = ["--task", "classification"]
+    elif case == "task-with-wrong-labels":
+        args = ["--task", "regression"]
     before = _leftovers(tmp_path)
     code = main(["optimize", str(model), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet", *args, *FAST])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert _leftovers(tmp_path) == before  # no out folder, no temp folder
+
+
+def test_task_and_metric_flags_choose_the_primary_metric(
+    digits: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = digits
+    out = tmp_path / "out"
+    flags = ["--task", "classification", "--metric", "top5", "--techniques", "int8-dynamic", "--no-fallback"]
+    code = main(["optimize", str(model), "--data", str(data), "--out", str(out), *flags, *FAST])
+    assert code == 0
+    report = read_json(out / "report.json")
+    base = report.baseline.accuracy
+    assert (base.task, base.metric, base.value) == ("classification", "top5", base.metrics["top5"])
+    (candidate,) = report.candidates
+    assert candidate.accuracy_drop == pytest.approx(base.value - candidate.accuracy.value)
+    header = next(line for line in capsys.readouterr().out.splitlines() if "model" in line and "drop" in line)
+    assert "top5" in header and "top1" not in header
+
+
+def test_forced_fidelity_ignores_the_labels(digits: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = digits
+    out = tmp_path / "out"
+    flags = ["--task", "fidelity", "--metric", "max_rel_error", "--techniques", "int8-dynamic", "--no-fallback"]
+    assert main(["optimize", str(model), "--data", str(data), "--out", str(out), "--quiet", *flags, *FAST]) == 0
+    report = read_json(out / "report.json")
+    assert (report.baseline.accuracy.task, report.baseline.accuracy.metric) == ("fidelity", "max_rel_error")
+    assert report.baseline.accuracy.value == 0.0 and not report.baseline.accuracy.higher_is_better
+    assert "top1" not in report.baseline.accuracy.metrics
+    (candidate,) = report.candidates
+    assert candidate.accuracy_drop == pytest.approx(candidate.accuracy.value) and candidate.accuracy_drop > 0
 
 
 def test_console_script_runs_a_torchscript_model(digits: tuple[Path, Path], tmp_path: Path) -> None:
