@@ -14,6 +14,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.errors import InvalidConfig, InvalidModel, first_line
+from optimizer.sandbox import is_out_of_memory
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -116,4 +117,6 @@ def create_session(
             source, sess_options=session_options(options, **overrides), providers=select_providers(options)
         )
     except Exception as exc:  # onnxruntime raises its own pybind exception types
+        if is_out_of_memory(exc):  # a resource failure, not a bad model
+            raise MemoryError(first_line(exc)) from exc
         raise InvalidModel(f"ONNX Runtime cannot load the model: {first_line(exc)}") from exc

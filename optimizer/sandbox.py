@@ -23,6 +23,13 @@ unpickler (plain data only, no classes), because code running in the child is no
 crafted reply must not execute code in the parent. So a sandboxed function must return plain
 data: None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, pathlib
 paths.
+
+Progress and cancellation: with ``on_event``, the child gets a second pipe on which
+:func:`emit` writes JSON lines (at most 4 KiB each; longer or malformed lines are dropped, and
+JSON needs no trust in the sender); the parent reads them in the same ``select`` loop as the reply
+and calls ``on_event`` in its own thread. ``should_stop`` is polled in that loop (every 0.2 s at
+most); once it returns true the child's process group is killed and :class:`SandboxCancelled` is
+raised. The child side lives in :mod:`optimizer._sandbox_child`.
 """
 
 from __future__ import annotations
@@ -34,11 +41,10 @@ import json
 import logging
 import os
 import pickle
-import resource
+import re
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -49,7 +55,19 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from optimizer.errors import OptimizerError, SandboxError, first_line
+from optimizer._sandbox_child import HEADER, EventLines, emit, is_out_of_memory
+from optimizer.errors import OptimizerError, SandboxError
+
+__all__ = [
+    "KEPT_ENV",
+    "SandboxCancelled",
+    "SandboxCrashed",
+    "SandboxLimits",
+    "child_sys_path",
+    "emit",
+    "is_out_of_memory",
+    "run_isolated",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -84,7 +102,7 @@ _THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
 )
 _MAX_REPLY_BYTES = 64 * 1024**2
-_HEADER = struct.Struct("!Q")
+_POLL_S = 0.2
 
 
 class SandboxLimits(BaseModel):
@@ -112,11 +130,17 @@ class SandboxCrashed(SandboxError):
         self.signal_name = signal_name
 
 
+class SandboxCancelled(SandboxError):
+    """``should_stop`` turned true while the child ran: its whole process group was killed."""
+
+
 def run_isolated(
     func: Callable[..., T],
     *args: Any,
     limits: SandboxLimits = SandboxLimits(),  # noqa: B008 - frozen, so sharing the default is safe
     description: str | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> T:
     """Call ``func(*args, **kwargs)`` in an isolated child process and return its result.
@@ -126,6 +150,10 @@ def run_isolated(
     error messages (default: ``sandboxed <function name>``). An :class:`OptimizerError` raised in
     the child is raised again here with the same class and message; MemoryError, any other
     exception, a crash (signal) or the timeout become :class:`SandboxError` with one line.
+
+    ``on_event`` receives each object the child passes to :func:`emit`, in order, in this thread
+    (an exception it raises kills the child and propagates). ``should_stop`` is polled while the
+    child runs; when it returns true the child is killed and :class:`SandboxCancelled` raised.
     """
     what = description or f"sandboxed {getattr(func, '__name__', 'call')}"
     private = Path(tempfile.mkdtemp(prefix="slimserve-sandbox-"))
@@ -138,7 +166,7 @@ def run_isolated(
                 raise SandboxError(f"{what} cannot be sent to a child process: {exc}") from exc
         work = private / "tmp"
         work.mkdir()
-        reply = _run_child(private, call_path, work, limits, what)
+        reply = _run_child(private, call_path, work, limits, what, _Watch(on_event, should_stop))
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return _unpack(reply, limits, what)
@@ -157,8 +185,8 @@ _BOOTSTRAP = (
     "import json, sys\n"
     "cfg = json.load(open(sys.argv[1]))\n"
     "sys.path[:] = cfg['sys_path']\n"
-    "from optimizer.sandbox import _child_main\n"
-    "_child_main(cfg)\n"
+    "from optimizer._sandbox_child import child_main\n"
+    "child_main(cfg)\n"
 )
 
 
@@ -172,13 +200,47 @@ def child_sys_path() -> list[str]:
     return [os.path.abspath(p) for p in sys.path if not os.path.isfile(os.path.join(p or ".", "__init__.py"))]
 
 
-def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits, what: str) -> bytes:
-    """Launch the child, collect its reply; raise SandboxError on timeout, crash or no reply."""
+class _Watch:
+    """The parent's side of one call while it runs: the event pipe and the stop poll."""
+
+    def __init__(
+        self, on_event: Callable[[dict[str, Any]], None] | None, should_stop: Callable[[], bool] | None
+    ) -> None:
+        self.on_event = on_event
+        self.should_stop = should_stop
+        self._lines = EventLines()
+
+    def stop_requested(self) -> bool:
+        return self.should_stop is not None and bool(self.should_stop())
+
+    def read(self, fd: int) -> bool:
+        """Read what the event pipe holds and deliver each complete event; False at end of file."""
+        chunk = os.read(fd, 1 << 16)
+        for event in self._lines.feed(chunk):
+            if self.on_event is not None:
+                self.on_event(event)
+        return bool(chunk)
+
+    def drain(self, fd: int) -> None:
+        """Deliver what is left in the pipe, bounded (a child that keeps emitting cannot hold us here).
+
+        Everything emitted before the reply fits in the pipe's buffer (a writer blocks when it is
+        full), so a few reads are all it takes.
+        """
+        for _ in range(16):
+            if not (select.select([fd], [], [], 0)[0] and self.read(fd)):
+                return
+
+
+def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits, what: str, watch: _Watch) -> bytes:
+    """Launch the child, collect its reply; raise SandboxError on timeout, cancel, crash or no reply."""
     read_fd, write_fd = os.pipe()
+    event_read, event_write = os.pipe() if watch.on_event is not None else (-1, -1)
     config = {
         "sys_path": child_sys_path(),
         "call_path": str(call_path),
         "result_fd": write_fd,
+        "event_fd": event_write if event_write >= 0 else None,
         "memory_bytes": limits.memory_bytes,
         "parent_pid": os.getpid(),
     }
@@ -195,13 +257,18 @@ def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                pass_fds=(write_fd,),
+                pass_fds=tuple(fd for fd in (write_fd, event_write) if fd >= 0),
                 start_new_session=True,
             )
-        os.close(write_fd)
-        write_fd = -1
-        data, timed_out = _read_reply(read_fd, proc, deadline, what)
-        if timed_out:
+        for fd in (write_fd, event_write):
+            if fd >= 0:
+                os.close(fd)
+        write_fd = event_write = -1
+        data, outcome = _read_reply(read_fd, event_read, proc, deadline, what, watch)
+        if outcome == "cancelled":
+            _kill_group(proc)
+            raise SandboxCancelled(f"{what} was cancelled")
+        if outcome == "timeout":
             _kill_group(proc)
             raise SandboxError(f"{what} timed out after {limits.timeout_s:g} s")
         try:
@@ -213,9 +280,9 @@ def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits
     except OSError as exc:
         raise SandboxError(f"{what} could not start a child process: {exc.strerror or exc}") from exc
     finally:
-        os.close(read_fd)
-        if write_fd >= 0:
-            os.close(write_fd)
+        for fd in (read_fd, write_fd, event_read, event_write):
+            if fd >= 0:
+                os.close(fd)
         if proc is not None:
             _kill_group(proc)  # sweep anything the child left running; also reaps the child
     if data is not None:
@@ -226,31 +293,44 @@ def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits
         name = _signal_name(-code)
         hint = " (possibly out of memory)" if -code == signal.SIGKILL else ""
         raise SandboxCrashed(f"{what} crashed ({name}){hint}", name)
-    raise SandboxError(f"{what} exited with status {code} without a result")
+    raise SandboxError(f"{what} exited with status {code} without a result{_memory_hint(limits)}")
 
 
-def _read_reply(fd: int, proc: subprocess.Popen[bytes], deadline: float, what: str) -> tuple[bytes | None, bool]:
-    """(the reply or None when the child gave none, whether the deadline passed)."""
+def _read_reply(
+    fd: int, event_fd: int, proc: subprocess.Popen[bytes], deadline: float, what: str, watch: _Watch
+) -> tuple[bytes | None, str | None]:
+    """(the reply or None when the child gave none, None or why it stopped: "timeout" / "cancelled").
+
+    Events are read before the reply in each round, and drained once the reply is complete: the
+    child writes every event before its reply, so none is lost or delivered out of order.
+    """
     buf = bytearray()
+    watched = [fd] if event_fd < 0 else [fd, event_fd]
     while True:
+        if watch.stop_requested():
+            return None, "cancelled"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return None, True
-        ready, _, _ = select.select([fd], [], [], min(remaining, 0.2))
-        if ready:
+            return None, "timeout"
+        ready, _, _ = select.select(watched, [], [], min(remaining, _POLL_S))
+        if event_fd in ready and not watch.read(event_fd):
+            watched.remove(event_fd)  # every writer closed
+        if fd in ready:
             chunk = os.read(fd, 1 << 20)
             if not chunk:  # every writer closed: the child is done (or dead)
                 break
             buf += chunk
-            if len(buf) >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(buf)
+            if len(buf) >= HEADER.size:
+                (size,) = HEADER.unpack_from(buf)
                 if size > _MAX_REPLY_BYTES:
                     raise SandboxError(f"{what} sent back a reply larger than {_MAX_REPLY_BYTES // 2**20} MiB")
-                if len(buf) >= _HEADER.size + size:
-                    return bytes(buf[_HEADER.size : _HEADER.size + size]), False
-        elif proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+                if len(buf) >= HEADER.size + size:
+                    if event_fd in watched:
+                        watch.drain(event_fd)
+                    return bytes(buf[HEADER.size : HEADER.size + size]), None
+        elif not ready and proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
             break  # the child exited; a grandchild may still hold the pipe open
-    return None, False
+    return None, None
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -313,8 +393,23 @@ def _unpack(data: bytes, limits: SandboxLimits, what: str) -> Any:
         raise _optimizer_error(module, qualname)(message)
     if kind == "error":
         type_name, message = (str(x) for x in rest)
-        raise SandboxError(f"{what} failed: {type_name}: {message}")
+        raise SandboxError(f"{what} failed: {type_name}: {redact_paths(message)}{_memory_hint(limits)}")
     raise SandboxError(f"{what} sent back an unknown reply")
+
+
+def _memory_hint(limits: SandboxLimits) -> str:
+    """An unexplained failure under a memory cap is often the cap: say so (never claim it)."""
+    if limits.memory_bytes is None:
+        return ""
+    return f" (the child's memory limit was {limits.memory_bytes // 2**20} MiB; it may have run out of memory)"
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s/:'\"]+){2,}/?")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with file-system paths replaced by ``<path>`` (messages reach API clients)."""
+    return _PATH.sub("<path>", text)
 
 
 def _optimizer_error(module: str, qualname: str) -> type[OptimizerError]:
@@ -327,86 +422,6 @@ def _optimizer_error(module: str, qualname: str) -> type[OptimizerError]:
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
         return SandboxError
-    if isinstance(obj, type) and issubclass(obj, OptimizerError) and obj is not SandboxCrashed:
+    if isinstance(obj, type) and issubclass(obj, OptimizerError) and obj not in (SandboxCrashed, SandboxCancelled):
         return obj
     return SandboxError
-
-
-# ---------------------------------------------------------------------------------------------
-# Child side
-
-
-def _child_main(config: dict[str, Any]) -> None:
-    """Entry point of the child (called by the bootstrap): limits, the call, the reply, exit."""
-    fd = int(config["result_fd"])
-    memory_reply = _frame(pickle.dumps(("memory",)))  # built before the call: no memory needed later
-    _set_parent_death_signal(int(config["parent_pid"]))
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if config["memory_bytes"] is not None:
-        limit = int(config["memory_bytes"])
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        payload = _frame(_reply_for_call(config["call_path"]))
-    except MemoryError:
-        payload = memory_reply
-    try:
-        _write_all(fd, payload)
-    except MemoryError:
-        _write_all(fd, memory_reply)
-    finally:
-        os._exit(0)  # skip interpreter teardown: native libraries sometimes crash in it
-
-
-def _reply_for_call(call_path: str) -> bytes:
-    try:
-        with open(call_path, "rb") as fh:
-            func, args, kwargs = pickle.load(fh)
-        result = func(*args, **kwargs)
-        return pickle.dumps(("ok", result), protocol=pickle.HIGHEST_PROTOCOL)
-    except MemoryError:
-        raise
-    except OptimizerError as exc:
-        kind = type(exc)
-        return pickle.dumps(("raise", kind.__module__, kind.__qualname__, str(exc)))
-    except BaseException as exc:
-        if is_out_of_memory(exc):
-            raise MemoryError from exc
-        return pickle.dumps(("error", type(exc).__name__, first_line(exc)))
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True when a native library reported an allocation failure (torch, ONNX Runtime, C++)."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return any(
-        marker in text
-        for marker in ("bad_alloc", "bad allocation", "can't allocate memory", "failed to allocate memory")
-    )
-
-
-def _frame(data: bytes) -> bytes:
-    return _HEADER.pack(len(data)) + data
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _set_parent_death_signal(parent_pid: int) -> None:
-    """Linux: SIGKILL this child when the parent dies, so a killed worker leaves no orphans."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
