@@ -13,6 +13,7 @@ only: bzip2/lzma inflate unboundedly inside zipfile).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -118,7 +119,24 @@ def load_npz(path: Path, limits: DataLimits = _DEFAULT_LIMITS) -> SampleData:
 
     Raises :class:`InvalidData` with one line for every malformed, unsafe or oversized input.
     """
-    path = Path(path)
+    with _checked_members(Path(path), limits) as (archive, members):
+        arrays = {m.name: _read_data(archive, m) for m in members}
+    labels = arrays.pop(LABELS_KEY, None)
+    return SampleData(arrays, labels)
+
+
+def inspect_npz(path: Path, limits: DataLimits = _DEFAULT_LIMITS) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every array's (dtype, shape) after all of :func:`load_npz`'s checks, without reading any data.
+
+    The service calls this at upload time: a bad file is refused before a job is queued.
+    """
+    with _checked_members(Path(path), limits) as (_archive, members):
+        return {m.name: (str(m.dtype), m.shape) for m in members}
+
+
+@contextlib.contextmanager
+def _checked_members(path: Path, limits: DataLimits) -> Iterator[tuple[zipfile.ZipFile, list[_Member]]]:
+    """The open archive and its members, every header checked; InvalidData otherwise."""
     try:
         info = path.stat()
         if stat.S_ISREG(info.st_mode):
@@ -137,9 +155,7 @@ def load_npz(path: Path, limits: DataLimits = _DEFAULT_LIMITS) -> SampleData:
     with archive:
         members = [_read_header(archive, entry, name, limits) for name, entry in entries]
         _check_members(members, limits)
-        arrays = {m.name: _read_data(archive, m) for m in members}
-    labels = arrays.pop(LABELS_KEY, None)
-    return SampleData(arrays, labels)
+        yield archive, members
 
 
 def _named_entries(infos: list[zipfile.ZipInfo], limits: DataLimits) -> list[tuple[str, zipfile.ZipInfo]]:

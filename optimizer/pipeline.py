@@ -80,8 +80,14 @@ def optimize(
     out_dir: Path,
     config: OptimizeConfig | None = None,
     progress: ProgressFn | None = None,
+    *,
+    keep_original: bool = False,
 ) -> Report:
-    """Run the whole optimization and write the outputs; OptimizerError on bad input."""
+    """Run the whole optimization and write the outputs; OptimizerError on bad input.
+
+    ``keep_original`` also publishes the validated original, converted to ONNX, as
+    ``out_dir/original.onnx`` (what the service serves as version 1).
+    """
     config = config or OptimizeConfig()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -90,21 +96,26 @@ def optimize(
         report, chosen_path = _Run(config, work, progress or (lambda _stage, _fraction: None)).execute(
             Path(model_path), Path(data_path)
         )
-        _publish(work, out_dir, chosen_path, report)
+        original = work / "original" / "model.onnx" if keep_original else None
+        _publish(work, out_dir, chosen_path, report, original)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _publish(work: Path, out_dir: Path, chosen: Path, report: Report) -> None:
+def _publish(work: Path, out_dir: Path, chosen: Path, report: Report, original: Path | None = None) -> None:
     """Stage every output in the work folder, then rename each into ``out_dir``."""
     staged = work / "publish"
     staged.mkdir()
     shutil.copyfile(chosen, staged / "model.onnx")
     write_json(report, staged / "report.json")
     write_html(report, staged / "report.html")
+    names = ["model.onnx", "report.json", "report.html"]
+    if original is not None:  # one file: uploads are single files, so no external data follows it
+        shutil.copyfile(original, staged / "original.onnx")
+        names.append("original.onnx")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.onnx", "report.json", "report.html"):
+    for name in names:
         tmp = out_dir / f".{name}.partial"
         shutil.move(str(staged / name), tmp)
         tmp.replace(out_dir / name)
