@@ -1,0 +1,70 @@
+"""Every setting of the service, in one pydantic-settings class (environment prefix ``SLIMSERVE_``).
+
+Embedded defaults need no configuration at all: a SQLite file and an artifact folder under
+``SLIMSERVE_HOME`` (default ``./var``), one in-process worker, no API keys (and then the server
+only binds to loopback). ``SLIMSERVE_DATABASE_URL`` (Postgres) and ``SLIMSERVE_STORAGE_URL``
+(``s3://bucket/prefix``) scale out. Key lists are comma-separated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The service's configuration; each field is one ``SLIMSERVE_<NAME>`` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="ignore", frozen=True)
+
+    home: Path = Field(Path("var"), description="folder for the default SQLite file and artifact folder")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<home>/slimserve.db")
+    storage_url: str | None = Field(None, description="a folder or s3://bucket/prefix; default <home>/artifacts")
+    database_busy_timeout_seconds: float = Field(5.0, gt=0, description="SQLite: wait this long for a write lock")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); default AWS")
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="keys with upload/delete/cancel/deploy rights"
+    )
+    infer_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="keys that may only run inference and read"
+    )
+    host: str = Field("127.0.0.1", description="`slimserve serve` bind address (non-loopback needs an API key)")
+    port: int = Field(8000, ge=0, le=65535, description="`slimserve serve` port")
+    run_worker: bool = Field(True, description="`slimserve serve` also runs one in-process worker")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest model upload (413 past it)")
+    max_data_bytes: int = Field(512 * 1024**2, gt=0, description="largest sample-data upload (413 past it)")
+    lease_seconds: float = Field(60.0, gt=0, description="a claimed job's lease; expired leases are reclaimed")
+    heartbeat_seconds: float = Field(10.0, gt=0, description="how often a worker renews its lease")
+    max_attempts: int = Field(3, ge=1, description="claims of one job before it fails (worker lost each time)")
+    poll_seconds: float = Field(1.0, gt=0, description="idle worker's wait between claims")
+    job_timeout_seconds: float = Field(3600.0, gt=0, description="wall-time limit of one optimization child")
+    job_memory_bytes: int | None = Field(16 * 1024**3, gt=0, description="the child's address-space limit")
+    job_cpu_threads: int | None = Field(None, ge=1, description="thread count for the child's math libraries")
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics on /metrics")
+    docs_enabled: bool = Field(True, description="serve the OpenAPI page on /docs and /openapi.json")
+    log_level: str = Field("info", description="log level of the service")
+
+    @field_validator("admin_keys", "infer_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy URL in effect."""
+        return self.database_url or f"sqlite:///{(self.home / 'slimserve.db').resolve()}"
+
+    @property
+    def storage(self) -> str:
+        """The artifact store location in effect (a folder path or an ``s3://`` URL)."""
+        return self.storage_url or str((self.home / "artifacts").resolve())
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests need a key (any key configured)."""
+        return bool(self.admin_keys or self.infer_keys)

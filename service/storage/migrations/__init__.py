@@ -1,0 +1,1 @@
+"""Alembic migrations of the service database; run them with :func:`service.storage.db.migrate`."""
