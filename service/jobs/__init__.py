@@ -1,0 +1,1 @@
+"""Background optimization jobs: the durable queue in the database, the worker and its sandboxed task."""
