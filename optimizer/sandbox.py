@@ -393,7 +393,10 @@ def _unpack(data: bytes, limits: SandboxLimits, what: str) -> Any:
         raise _optimizer_error(module, qualname)(message)
     if kind == "error":
         type_name, message = (str(x) for x in rest)
-        raise SandboxError(f"{what} failed: {type_name}: {redact_paths(message)}{_memory_hint(limits)}")
+        # Under an address-space cap CPython sometimes surfaces a failed allocation as a stray
+        # KeyboardInterrupt or SystemExit (no one signals the child's session): name the likely cause.
+        hint = _memory_hint(limits) if type_name in ("KeyboardInterrupt", "SystemExit") else ""
+        raise SandboxError(f"{what} failed: {type_name}: {redact_paths(message)}{hint}")
     raise SandboxError(f"{what} sent back an unknown reply")
 
 

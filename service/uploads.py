@@ -4,8 +4,9 @@ The body is parsed as it arrives with python-multipart's low-level ``MultipartPa
 starlette's ``request.form()``, which spools every part to a temp file that we would then copy
 again). File parts go straight to unique ``.upload-*`` files in the staging folder, hashed
 (sha256) on the way; the event loop only parses and gathers data into ~1 MiB buffers, and the
-hashing and writing run in a worker thread. Memory is bounded by the buffers (and the small
-config part). Sizes are checked before reading (Content-Length) and as the bytes arrive.
+hashing and writing run on a thread of the upload's own, overlapping the next receive. Memory is
+bounded by the buffers (and the small config part). Sizes are checked before reading
+(Content-Length) and as the bytes arrive.
 
 Staged files are not fsynced here: publishing them (``ArtifactStore.put_file``) fsyncs. On any
 error, or if the caller is cancelled, every staged file is removed before the error leaves.
@@ -13,15 +14,17 @@ error, or if the caller is cancelled, every staged file is removed before the er
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio.to_thread
+import anyio
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartState, parse_options_header
@@ -71,6 +74,7 @@ class UploadLimits:
     model_bytes: int
     data_bytes: int
     config_bytes: int = 64 * 1024
+    idle_seconds: float = 60.0  #: longest wait for the next chunk of the body
 
     @property
     def body_bytes(self) -> int:
@@ -92,6 +96,7 @@ class _FileSink:
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
     head: bytes = b""
     done: bool = False
+    closing: bool = False  #: the last buffer is queued; the writer thread closes the file
 
     def add(self, data: bytes, start: int, end: int) -> None:
         """Take bytes from the parser (on the event loop): count them against the limit, buffer them."""
@@ -106,7 +111,7 @@ class _FileSink:
         return buffer
 
     def write(self, buffer: bytearray, close: bool) -> None:
-        """Hash and write ``buffer`` (in a worker thread); close the file when ``close``."""
+        """Hash and write ``buffer`` (on the writer thread); close the file when ``close``."""
         if len(self.head) < HEAD_BYTES:
             self.head += bytes(buffer[: HEAD_BYTES - len(self.head)])
         self.digest.update(buffer)
@@ -253,14 +258,46 @@ def _boundary(content_type: str | None) -> bytes:
     return boundary
 
 
-async def _flush(receiver: _Receiver, final: bool) -> None:
-    """Write out every file buffer past FLUSH_BYTES (all of them, and close the files, when ``final``)."""
+class _Writer:
+    """Hashes and writes staged buffers on one thread of its own, overlapping the next receive.
+
+    The event loop hands over a buffer and goes back to the socket; it waits only when the same
+    file's previous buffer is still being written (so at most two buffers per file are in memory).
+    One thread keeps each file's writes in order; :meth:`close` waits for every queued write, so
+    no file descriptor is closed while a write on it is still running.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimserve-upload")
+        self._pending: dict[str, Future[None]] = {}
+
+    async def submit(self, sink: _FileSink, buffer: bytearray, close: bool) -> None:
+        """Queue ``buffer`` for ``sink`` (raises the previous write's error, if any)."""
+        previous = self._pending.pop(sink.name, None)
+        if previous is not None:
+            await asyncio.wrap_future(previous)
+        self._pending[sink.name] = self._pool.submit(sink.write, buffer, close)
+
+    async def drain(self) -> None:
+        """Wait for every queued write (raising the first error)."""
+        pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Wait for the thread to finish whatever is queued, then stop it."""
+        self._pool.shutdown(wait=True)
+
+
+async def _flush(receiver: _Receiver, writer: _Writer, final: bool) -> None:
+    """Queue every file buffer past FLUSH_BYTES (all of them, closing the files, when ``final``)."""
     for sink in receiver.files.values():
-        if sink.fd is None:
+        if sink.fd is None or sink.closing:
             continue
         closing = final or sink.done
         if closing or len(sink.pending) >= FLUSH_BYTES:
-            await anyio.to_thread.run_sync(sink.write, sink.take(), closing)
+            sink.closing = closing
+            await writer.submit(sink, sink.take(), closing)
 
 
 async def receive_upload(
@@ -285,15 +322,19 @@ async def receive_upload(
     except OSError as exc:
         raise _staging_error(exc) from exc
     receiver = _Receiver(staging_dir, limits)
+    writer = _Writer()
     parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
     received = 0
     iterator = aiter(chunks)
     try:
         while not receiver.ended:
             try:
-                chunk = await anext(iterator)
+                with anyio.fail_after(limits.idle_seconds):
+                    chunk = await anext(iterator)
             except StopAsyncIteration:
                 break
+            except TimeoutError:  # a stalled client must not hold a connection and staged files forever
+                raise BadRequest(f"the upload stalled for more than {limits.idle_seconds:g} s") from None
             except ServiceError:
                 raise
             except Exception as exc:  # the client went away (starlette's ClientDisconnect, a reset, ...)
@@ -309,11 +350,15 @@ async def receive_upload(
                 raise BadRequest("the multipart body is malformed") from exc
             except OSError as exc:  # creating a staged file
                 raise _staging_error(exc) from exc
-            await _flush(receiver, final=False)
+            await _flush(receiver, writer, final=False)
         if not receiver.ended or parser.state != MultipartState.END:
             raise BadRequest("the upload ended before the closing multipart boundary")
-        await _flush(receiver, final=True)
+        await _flush(receiver, writer, final=True)
+        await writer.drain()
         return receiver.result()
     except BaseException:
+        writer.close()  # no write may still run on a descriptor that is about to be closed
         receiver.remove_all()
         raise
+    finally:
+        writer.close()

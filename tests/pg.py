@@ -26,7 +26,18 @@ from pathlib import Path
 
 import pytest
 
-PG_BIN = Path(os.environ.get("SLIMSERVE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """Debian's newest PostgreSQL binaries (``SLIMSERVE_TEST_PG_BIN`` overrides)."""
+    if "SLIMSERVE_TEST_PG_BIN" in os.environ:
+        return Path(os.environ["SLIMSERVE_TEST_PG_BIN"])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+    )
+    return found[-1] if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 class PostgresUnavailable(RuntimeError):

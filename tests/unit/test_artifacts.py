@@ -11,7 +11,6 @@ import hashlib
 import os
 import socket
 import stat
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from service.storage import artifacts
 from service.storage.artifacts import ArtifactStore, LocalStore, StoredFile, check_key, open_store
 from service.storage.s3store import S3Store
 from tests.s3server import S3Server, dummy_aws_env, s3_server
+from tests.tmpfs import small_tmpfs
 
 BUCKET = "slimserve-test"
 PAYLOAD = bytes(range(256)) * 40 + b"tail"  # 10244 bytes, every offset distinguishable
@@ -53,17 +53,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs (unmounted afterwards); skipped where mounting is not allowed."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip() or result.returncode}")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture

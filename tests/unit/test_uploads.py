@@ -10,7 +10,6 @@ import asyncio
 import errno
 import hashlib
 import os
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 from service.errors import BadRequest, StorageFull, TooLarge
 from service.uploads import FLUSH_BYTES, StagedUpload, UploadLimits, receive_upload
+from tests.tmpfs import small_tmpfs
 
 LIMITS = UploadLimits(model_bytes=8 << 20, data_bytes=1 << 20, config_bytes=1024)
 MODEL = os.urandom(3 << 20)  # several flushes
@@ -85,17 +85,8 @@ def staging(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs (unmounted afterwards); skipped where mounting is not allowed."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip() or result.returncode}")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def sha(data: bytes) -> str:
@@ -355,3 +346,18 @@ def test_staged_file_creation_failing_is_one_clean_line(staging: Path, monkeypat
         receive(body_of(*GOOD_PARTS), staging)
     monkeypatch.undo()
     assert list(staging.iterdir()) == []
+
+
+def test_a_stalled_upload_is_cut_off_and_leaves_nothing(staging: Path) -> None:
+    body = body_of(*GOOD_PARTS)
+
+    async def stalling() -> AsyncIterator[bytes]:
+        yield body[: len(body) // 2]
+        await asyncio.sleep(30)  # the client stops sending
+        yield body[len(body) // 2 :]
+
+    limits = UploadLimits(model_bytes=LIMITS.model_bytes, data_bytes=LIMITS.data_bytes, idle_seconds=0.3)
+    with pytest.raises(BadRequest, match="stalled"):
+        receive(stalling(), staging, limits=limits)
+    assert list(staging.iterdir()) == []
+    receive(body_of(*GOOD_PARTS), staging).cleanup()

@@ -1,0 +1,117 @@
+"""The composition root: every long-lived object of the service is built here, and only here.
+
+``create_app(settings)`` returns the ASGI application (what ``slimserve serve`` runs);
+``build_services(settings)`` is the part a standalone ``slimserve worker`` shares with it.
+Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+from prometheus_client import CollectorRegistry, ProcessCollector
+from sqlalchemy import Engine
+
+from service.control import ControlPlane
+from service.jobs.store import JobStore
+from service.jobs.worker import Worker
+from service.metrics import JobMetrics, build_registry
+from service.settings import Settings
+from service.storage.artifacts import ArtifactStore, open_store
+from service.storage.catalog import Catalog
+from service.storage.db import create_db_engine, migrate
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+_log = logging.getLogger(__name__)
+#: How long shutdown waits for the in-process worker to hand its job back.
+_WORKER_STOP_SECONDS = 30.0
+
+
+@dataclass
+class Services:
+    """The service's long-lived objects, built once per process."""
+
+    settings: Settings
+    engine: Engine
+    catalog: Catalog
+    jobs: JobStore
+    artifacts: ArtifactStore
+    registry: CollectorRegistry
+    metrics: JobMetrics
+    plane: ControlPlane
+
+    def worker(self, worker_id: str | None = None) -> Worker:
+        """A worker over these services (the caller runs it)."""
+        return Worker(
+            jobs=self.jobs,
+            catalog=self.catalog,
+            artifacts=self.artifacts,
+            settings=self.settings,
+            metrics=self.metrics,
+            worker_id=worker_id,
+        )
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()
+
+
+def build_services(settings: Settings, *, queue_gauges: bool = True) -> Services:
+    """Open the database (migrating it to the current schema) and the artifact store."""
+    if settings.database_url is None or settings.storage_url is None:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    engine = create_db_engine(settings.database, busy_timeout_s=settings.database_busy_timeout_seconds)
+    migrate(engine)
+    artifacts = open_store(
+        settings.storage, s3_endpoint_url=settings.s3_endpoint_url, staging_dir=settings.home / "staging"
+    )
+    catalog = Catalog(engine)
+    jobs = JobStore(engine, lease_seconds=settings.lease_seconds)
+    registry, metrics = build_registry(jobs.counts if queue_gauges else None)
+    ProcessCollector(registry=registry)
+    plane = ControlPlane(catalog=catalog, jobs=jobs, artifacts=artifacts, settings=settings)
+    return Services(
+        settings=settings,
+        engine=engine,
+        catalog=catalog,
+        jobs=jobs,
+        artifacts=artifacts,
+        registry=registry,
+        metrics=metrics,
+        plane=plane,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI application with its services and (unless turned off) one in-process worker."""
+    from service.http.api import build_api
+
+    settings = settings or Settings()
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        thread: threading.Thread | None = None
+        if settings.run_worker:
+            worker = services.worker()
+            thread = threading.Thread(target=worker.run_forever, args=(stop,), name="slimserve-worker", daemon=True)
+            thread.start()
+            _log.info("in-process worker started")
+        try:
+            yield
+        finally:
+            stop.set()
+            if thread is not None:
+                await anyio.to_thread.run_sync(thread.join, _WORKER_STOP_SECONDS)
+            services.close()
+
+    return build_api(plane=services.plane, settings=settings, registry=services.registry, lifespan=lifespan)

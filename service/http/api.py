@@ -1,0 +1,50 @@
+"""Builds the FastAPI application around objects the composition root made (no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from service.control import ControlPlane
+from service.http import handlers, routes_jobs, routes_models
+from service.http.auth import KeyRing
+from service.settings import Settings
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def build_api(*, plane: ControlPlane, settings: Settings, registry: CollectorRegistry, lifespan: Lifespan) -> FastAPI:
+    """The ASGI app: /v1 routes, /metrics, /docs, error handlers."""
+    app = FastAPI(
+        title="slimserve",
+        summary="Upload a model and sample data; get it back faster and smaller, inside your accuracy budget.",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    app.state.plane = plane
+    app.state.settings = settings
+    app.state.keys = KeyRing(settings.admin_keys, settings.infer_keys)
+    handlers.install(app)
+    app.include_router(routes_models.router)
+    app.include_router(routes_jobs.router)
+
+    @app.get("/v1/health", tags=["health"], summary="Liveness: the process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if settings.metrics_enabled:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics(_request: Request) -> Response:
+            body = await anyio.to_thread.run_sync(generate_latest, registry)  # the queue gauges query the database
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return app

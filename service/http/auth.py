@@ -1,0 +1,83 @@
+"""API keys and scopes: ``Authorization: Bearer <key>``; ``admin`` may do everything, ``infer`` reads and infers.
+
+Keys are compared as SHA-256 digests with :func:`hmac.compare_digest`, against every configured
+key without stopping at the first match, so the time taken says nothing about how close a guess
+was or which list it matched. With no key configured, authentication is off (the server then
+refuses to bind anywhere but loopback: see ``service.cli``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
+
+from fastapi import Request
+from pydantic import SecretStr
+
+from service.errors import Forbidden, Unauthorized
+
+Scope = Literal["admin", "infer"]
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+class KeyRing:
+    """The configured keys, as digests, by scope."""
+
+    def __init__(self, admin: Sequence[SecretStr], infer: Sequence[SecretStr]) -> None:
+        self._admin = [_digest(k.get_secret_value()) for k in admin]
+        self._infer = [_digest(k.get_secret_value()) for k in infer]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._admin or self._infer)
+
+    def scopes(self, presented: str) -> set[Scope]:
+        """The scopes a presented key grants (empty for an unknown key)."""
+        digest = _digest(presented)
+        is_admin = False
+        is_infer = False
+        for known in self._admin:
+            is_admin |= hmac.compare_digest(digest, known)
+        for known in self._infer:
+            is_infer |= hmac.compare_digest(digest, known)
+        if is_admin:
+            return {"admin", "infer"}
+        return {"infer"} if is_infer else set()
+
+
+def bearer_token(request: Request) -> str | None:
+    """The key from ``Authorization: Bearer <key>``, or None."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency: 401 without a valid key, 403 when the key lacks ``scope``.
+
+    ``async`` because it does no I/O: FastAPI runs it on the event loop, not in a thread.
+    """
+
+    async def check(request: Request) -> None:
+        keys: KeyRing = request.app.state.keys
+        if not keys.enabled:
+            return
+        token = bearer_token(request)
+        if token is None:
+            raise Unauthorized("missing API key (Authorization: Bearer <key>)")
+        granted = keys.scopes(token)
+        if not granted:
+            raise Unauthorized("invalid API key")
+        if scope not in granted:
+            raise Forbidden(f"this key lacks the {scope!r} scope")
+
+    return check
