@@ -7,6 +7,7 @@ Nothing is built at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -15,13 +16,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 from sqlalchemy import Engine
 
+from optimizer.runtime import RuntimeOptions
 from service.control import ControlPlane
 from service.jobs.store import JobStore
 from service.jobs.worker import Worker
-from service.metrics import JobMetrics, build_registry
+from service.metrics import JobMetrics, NvmlCollector, ServingMetrics, VersionObserver, build_registry
+from service.serving.batcher import BatchingConfig
+from service.serving.dataplane import DataPlane
+from service.serving.registry import LoadedVersion, ModelRegistry
 from service.settings import Settings
 from service.storage.artifacts import ArtifactStore, open_store
 from service.storage.catalog import Catalog
@@ -90,12 +95,51 @@ def build_services(settings: Settings, *, queue_gauges: bool = True) -> Services
     )
 
 
+def build_serving(services: Services) -> DataPlane:
+    """The model registry (every ready version, batched) and the inference data plane over it."""
+    settings = services.settings
+    metrics = ServingMetrics(services.registry)
+    holder: list[DataPlane] = []
+
+    class Listener:
+        def loaded(self, version: LoadedVersion) -> None:
+            metrics.register(version.model, version.version, version.summary)
+
+        def unloaded(self, model: str, version: int) -> None:
+            metrics.unregister(model, version)
+            if holder:
+                holder[0].forget(model, version)
+
+    batching = BatchingConfig(
+        max_batch_size=settings.max_batch_size,
+        preferred_batch_size=tuple(settings.preferred_batch_size),
+        max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+        max_queue_size=settings.max_queue_size,
+        timeout_s=settings.inference_timeout_seconds,
+        max_concurrent_batches=settings.concurrent_batches,
+    )
+    registry = ModelRegistry(
+        catalog=services.catalog,
+        artifacts=services.artifacts,
+        cache_dir=settings.home / "model-cache",
+        runtime=RuntimeOptions(intra_op_threads=settings.inference_threads),
+        batching=batching,
+        listener=Listener(),
+        observers=lambda model, version: VersionObserver(metrics, model, version),
+    )
+    dataplane = DataPlane(registry=registry, metrics=metrics)
+    holder.append(dataplane)
+    NvmlCollector.register_if_available(services.registry)
+    return dataplane
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ASGI application with its services and (unless turned off) one in-process worker."""
+    """The ASGI application: the /v1 API, KServe v2 serving and (unless turned off) one in-process worker."""
     from service.http.api import build_api
 
     settings = settings or Settings()
     services = build_services(settings)
+    dataplane = build_serving(services) if settings.serve_models else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -106,12 +150,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             thread = threading.Thread(target=worker.run_forever, args=(stop,), name="slimserve-worker", daemon=True)
             thread.start()
             _log.info("in-process worker started")
+        follow = asyncio.Event()
+        sync_task = None
+        if dataplane is not None:
+            sync_task = asyncio.create_task(dataplane.registry.run_forever(follow, settings.registry_poll_seconds))
+        metrics_server = None
+        if settings.metrics_port is not None:
+            metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=services.registry)
         try:
             yield
         finally:
+            follow.set()
+            if sync_task is not None:
+                await sync_task
+            if dataplane is not None:
+                await dataplane.registry.close()
             stop.set()
             if thread is not None:
                 await anyio.to_thread.run_sync(thread.join, _WORKER_STOP_SECONDS)
+            if metrics_server is not None:
+                metrics_server.shutdown()
             services.close()
 
-    return build_api(plane=services.plane, settings=settings, registry=services.registry, lifespan=lifespan)
+    return build_api(
+        plane=services.plane, settings=settings, registry=services.registry, lifespan=lifespan, dataplane=dataplane
+    )

@@ -52,6 +52,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.http.server import DrainingServer
 
     if not settings.auth_enabled and not is_loopback(settings.host):
         print(
@@ -65,7 +66,7 @@ def serve(settings: Settings) -> int:
     # start; a no-op handler there makes a clean shutdown exit 0 instead of dying of the signal.
     signal.signal(signal.SIGTERM, _ignore_signal)
     signal.signal(signal.SIGINT, _ignore_signal)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -74,6 +75,9 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=5,
         server_header=False,
     )
+    dataplane = getattr(app.state, "dataplane", None)
+    on_drain = dataplane.start_draining if dataplane is not None else None
+    DrainingServer(config, on_drain=on_drain, drain_seconds=settings.drain_seconds).run()
     return 0
 
 

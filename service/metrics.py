@@ -8,8 +8,11 @@ replica reports the same cluster-wide truth instead of its own local view.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -96,3 +99,183 @@ def build_registry(counts: Callable[[], dict[str, int]] | None = None) -> tuple[
     if counts is not None:
         registry.register(QueueCollector(counts))
     return registry, metrics
+
+
+#: Inference latencies: 0.5 ms to 10 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
+
+
+class ServingMetrics:
+    """Inference metrics, labelled only with registered models and versions (so the series count is bounded).
+
+    Series of a version are created when it is registered and removed when it is unloaded: a
+    flood of requests for made-up model names never creates a series.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version"]
+        self.requests = Counter(
+            "slimserve_inference_requests_total",
+            "Inference requests, by answer code.",
+            [*labels, "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "slimserve_inference_request_duration_seconds",
+            "Inference request time in the server, decode to encode.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "slimserve_inference_queue_duration_seconds",
+            "Time a request waited in the batcher's queue.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_duration = Histogram(
+            "slimserve_inference_compute_duration_seconds",
+            "ONNX Runtime time of one batch.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "slimserve_inference_batch_size",
+            "Rows per executed batch.",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "slimserve_inference_queue_depth", "Requests waiting in the batcher.", labels, registry=registry
+        )
+        self.accuracy = Gauge(
+            "slimserve_model_accuracy",
+            "Accuracy measured at optimization time (the report's metric).",
+            labels,
+            registry=registry,
+        )
+        self.speedup = Gauge(
+            "slimserve_model_speedup_ratio",
+            "Measured throughput over the original's at the serving batch size.",
+            labels,
+            registry=registry,
+        )
+        self.feedback = Counter(
+            "slimserve_model_feedback_total",
+            "Ground-truth feedback on served predictions.",
+            [*labels, "outcome"],
+            registry=registry,
+        )
+        self._codes = ("200", "400", "404", "503", "504", "500")
+        self._known: set[tuple[str, str]] = set()
+
+    def register(self, model: str, version: int, summary: dict[str, Any] | None) -> None:
+        """Create the series of a newly loaded version (at zero) and its offline figures."""
+        key = (model, str(version))
+        self._known.add(key)
+        for code in self._codes:
+            self.requests.labels(*key, code)
+        for outcome in ("correct", "incorrect"):
+            self.feedback.labels(*key, outcome)
+        self.queue_depth.labels(*key).set(0)
+        summary = summary or {}
+        accuracy = summary.get("accuracy")
+        if isinstance(accuracy, int | float):
+            self.accuracy.labels(*key).set(float(accuracy))
+        speedup = summary.get("speedup")
+        self.speedup.labels(*key).set(float(speedup) if isinstance(speedup, int | float) else 1.0)
+
+    def unregister(self, model: str, version: int) -> None:
+        """Drop every series of an unloaded version."""
+        key = (model, str(version))
+        self._known.discard(key)
+        for metric in (self.request_duration, self.queue_duration, self.compute_duration, self.batch_size,
+                       self.queue_depth, self.accuracy, self.speedup):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                metric.remove(*key)
+        for code in self._codes:
+            with contextlib.suppress(KeyError):
+                self.requests.remove(*key, code)
+        for outcome in ("correct", "incorrect"):
+            with contextlib.suppress(KeyError):
+                self.feedback.remove(*key, outcome)
+
+    def known(self, model: str, version: int) -> bool:
+        """Whether series exist for this version (only registered versions are ever labelled)."""
+        return (model, str(version)) in self._known
+
+    def request(self, model: str, version: int, code: int, seconds: float) -> None:
+        """One answered request of a registered version."""
+        key = (model, str(version))
+        if key not in self._known:
+            return
+        self.requests.labels(*key, str(code) if str(code) in self._codes else "500").inc()
+        self.request_duration.labels(*key).observe(seconds)
+
+
+class NvmlCollector(Collector):
+    """GPU memory and utilization per device, when NVML (``pynvml``) and a GPU are present; else nothing."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            pynvml = importlib.import_module("pynvml")  # optional: NVIDIA's nvidia-ml-py
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except Exception:  # no library, no driver, no GPU: no series
+            self._nvml = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        if self._nvml is None:
+            return
+        nvml = self._nvml
+        used = GaugeMetricFamily("slimserve_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        total = GaugeMetricFamily("slimserve_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"])
+        busy = GaugeMetricFamily("slimserve_gpu_utilization_ratio", "GPU busy fraction.", labels=["gpu"])
+        try:
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+                used.add_metric([str(index)], float(memory.used))
+                total.add_metric([str(index)], float(memory.total))
+                busy.add_metric([str(index)], rates.gpu / 100.0)
+        except Exception as exc:
+            _log.warning("NVML read failed: %s", exc)
+            return
+        yield from (used, total, busy)
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return []
+
+    @classmethod
+    def register_if_available(cls, registry: CollectorRegistry) -> None:
+        """Add GPU gauges to ``registry`` when NVML answers here."""
+        collector = cls()
+        if collector._nvml is not None:
+            registry.register(collector)
+
+
+class VersionObserver:
+    """The batcher's hooks for one model version, recorded in :class:`ServingMetrics`."""
+
+    def __init__(self, metrics: ServingMetrics, model: str, version: int) -> None:
+        key = (model, str(version))
+        self._queue = metrics.queue_duration.labels(*key)
+        self._compute = metrics.compute_duration.labels(*key)
+        self._batch = metrics.batch_size.labels(*key)
+        self._depth = metrics.queue_depth.labels(*key)
+
+    def queued(self, seconds: float) -> None:
+        self._queue.observe(seconds)
+
+    def batch(self, size: int, seconds: float) -> None:
+        self._batch.observe(size)
+        self._compute.observe(seconds)
+
+    def depth(self, n: int) -> None:
+        self._depth.set(n)

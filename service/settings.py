@@ -44,9 +44,29 @@ class Settings(BaseSettings):
     job_timeout_seconds: float = Field(3600.0, gt=0, description="wall-time limit of one optimization child")
     job_memory_bytes: int | None = Field(16 * 1024**3, gt=0, description="the child's address-space limit")
     job_cpu_threads: int | None = Field(None, ge=1, description="thread count for the child's math libraries")
+    serve_models: bool = Field(True, description="`slimserve serve` serves every ready version over KServe v2")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="dynamic batching: rows per batch")
+    preferred_batch_size: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="batch sizes dispatched at once, comma-separated"
+    )
+    max_queue_delay_microseconds: int = Field(2000, ge=0, description="longest wait to fill a batch")
+    max_queue_size: int = Field(1024, ge=1, description="requests waiting per version; past it 503 at once")
+    inference_timeout_seconds: float = Field(30.0, gt=0, description="a request not started by then is answered 504")
+    concurrent_batches: int = Field(1, ge=1, description="batches running at once per version")
+    inference_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session (0: its default)")
+    registry_poll_seconds: float = Field(2.0, gt=0, description="how often serving follows the database's versions")
+    drain_seconds: float = Field(5.0, ge=0, description="on SIGTERM: not ready, then this long before stopping")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics on this port instead")
     metrics_enabled: bool = Field(True, description="serve Prometheus metrics on /metrics")
     docs_enabled: bool = Field(True, description="serve the OpenAPI page on /docs and /openapi.json")
     log_level: str = Field("info", description="log level of the service")
+
+    @field_validator("preferred_batch_size", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(part) for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("admin_keys", "infer_keys", mode="before")
     @classmethod

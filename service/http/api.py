@@ -11,15 +11,24 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from service.control import ControlPlane
-from service.http import handlers, routes_jobs, routes_models
+from service.http import handlers, routes_jobs, routes_models, routes_serving, routes_v2
 from service.http.auth import KeyRing
+from service.protocol.codec import CodecLimits
+from service.serving.dataplane import DataPlane
 from service.settings import Settings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 
-def build_api(*, plane: ControlPlane, settings: Settings, registry: CollectorRegistry, lifespan: Lifespan) -> FastAPI:
-    """The ASGI app: /v1 routes, /metrics, /docs, error handlers."""
+def build_api(
+    *,
+    plane: ControlPlane,
+    settings: Settings,
+    registry: CollectorRegistry,
+    lifespan: Lifespan,
+    dataplane: DataPlane | None = None,
+) -> FastAPI:
+    """The ASGI app: /v1 routes, KServe v2 (with a data plane), /metrics, /docs, error handlers."""
     app = FastAPI(
         title="slimserve",
         summary="Upload a model and sample data; get it back faster and smaller, inside your accuracy budget.",
@@ -35,12 +44,17 @@ def build_api(*, plane: ControlPlane, settings: Settings, registry: CollectorReg
     handlers.install(app)
     app.include_router(routes_models.router)
     app.include_router(routes_jobs.router)
+    if dataplane is not None:
+        app.state.dataplane = dataplane
+        app.state.codec_limits = CodecLimits()
+        app.include_router(routes_serving.router)
+        app.include_router(routes_v2.router)
 
     @app.get("/v1/health", tags=["health"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    if settings.metrics_enabled:
+    if settings.metrics_enabled and settings.metrics_port is None:
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics(_request: Request) -> Response:

@@ -211,13 +211,15 @@ class JobStore:
 
         Version 1 becomes ready with ``original_files`` merged into its files; a new version
         (``max + 1``, kind optimized, ready) holds ``optimized_files`` and ``summary``; the job
-        succeeds with ``result_version``. When the lease was lost nothing changes and None is
-        returned. Called again with the same claim after it landed: the same number, nothing new.
+        succeeds with ``result_version``. The model's default version becomes the new one when the
+        job's config has ``deploy`` (default true), else version 1 if the model had no default.
+        When the lease was lost nothing changes and None is returned. Called again with the same
+        claim after it landed: the same number, nothing new.
         """
 
         def work(conn: Connection) -> int | None:
             job = conn.execute(
-                select(jobs.c.model_id, jobs.c.status, jobs.c.lease_owner, jobs.c.result_version)
+                select(jobs.c.model_id, jobs.c.status, jobs.c.lease_owner, jobs.c.result_version, jobs.c.config)
                 .where(jobs.c.id == claim.job.id)
                 .with_for_update()
             ).first()
@@ -228,7 +230,9 @@ class JobStore:
             if job.status != "running":
                 return None
             now = self._clock()
-            conn.execute(select(models.c.id).where(models.c.id == job.model_id).with_for_update())
+            model = conn.execute(
+                select(models.c.default_version).where(models.c.id == job.model_id).with_for_update()
+            ).one()
             original = conn.execute(
                 select(versions.c.id, versions.c.files).where(
                     versions.c.model_id == job.model_id, versions.c.number == 1
@@ -250,6 +254,13 @@ class JobStore:
                     created_at=now,
                 )
             )
+            default: int | None = model.default_version
+            if bool(dict(job.config or {}).get("deploy", True)):
+                default = number
+            elif default is None and original is not None:
+                default = 1
+            if default != model.default_version:
+                conn.execute(update(models).where(models.c.id == job.model_id).values(default_version=default))
             done = conn.execute(
                 update(jobs)
                 .where(*self._owns(claim))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, Row, delete, func, insert, select
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 
 from service.errors import BadRequest, Conflict, NotFound
@@ -203,6 +203,27 @@ class Catalog:
             return _version(row)
 
         return run_read(self._engine, work)
+
+    def set_default_version(self, name: str, number: int) -> ModelRecord:
+        """Make version ``number`` of ``name`` the one served by default (deploy / rollback).
+
+        NotFound unless the model has that version in state ``ready``. Setting the current default
+        again changes nothing (safe to retry). Returns the model as committed.
+        """
+
+        def work(conn: Connection) -> ModelRecord:
+            row = conn.execute(select(models.c.id).where(models.c.name == name).with_for_update()).first()
+            if row is None:
+                raise NotFound("model not found")
+            state = conn.execute(
+                select(versions.c.state).where(versions.c.model_id == row.id, versions.c.number == number)
+            ).scalar()
+            if state != "ready":
+                raise NotFound("version not found or not ready")
+            conn.execute(update(models).where(models.c.id == row.id).values(default_version=number))
+            return self._model(conn, name)
+
+        return run_write(self._engine, work, idempotent=True)
 
     def delete_model(self, name: str) -> str:
         """Delete the model with its versions and jobs; returns its storage prefix (artifacts to remove)."""

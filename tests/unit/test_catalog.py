@@ -197,3 +197,22 @@ def test_delete_cascades_to_versions_and_jobs(catalog: Catalog, engine: Engine) 
     model, again, created = _upload(catalog, "digits", key="k1")  # name and key free again
     assert created and again.id != job.id and model.storage_prefix == "digits-k1"
     assert catalog.get_model("kept").latest_job is not None
+
+
+def test_set_default_version_needs_a_ready_version(catalog: Catalog, engine: Engine) -> None:
+    _upload(catalog, "digits")
+    with pytest.raises(NotFound, match=r"^version not found or not ready$"):
+        catalog.set_default_version("digits", 1)  # version 1 is still pending
+    with pytest.raises(NotFound, match=r"^model not found$"):
+        catalog.set_default_version("nope", 1)
+    store = JobStore(engine, 30)
+    claim = store.claim("w1")
+    assert claim is not None
+    store.succeed(claim, optimized_files={"model.onnx": FileRef("k", 1, "e" * 64)}, summary={}, original_files={})
+    assert catalog.get_model("digits").default_version == 2  # deploy defaults to true
+    rolled = catalog.set_default_version("digits", 1)
+    assert rolled.default_version == 1 and rolled == catalog.get_model("digits")
+    assert catalog.set_default_version("digits", 1).default_version == 1  # again: unchanged
+    with pytest.raises(NotFound, match=r"^version not found or not ready$"):
+        catalog.set_default_version("digits", 3)
+    assert catalog.set_default_version("digits", 2).default_version == 2

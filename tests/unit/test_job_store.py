@@ -44,7 +44,9 @@ class Env:
     catalog: Catalog
     store: JobStore
 
-    def upload(self, name: str, *, max_attempts: int = 3, key: str | None = None) -> JobRecord:
+    def upload(
+        self, name: str, *, max_attempts: int = 3, key: str | None = None, deploy: bool | None = None
+    ) -> JobRecord:
         files = {
             "original.onnx": FileRef(f"models/{name}/original.onnx", 10, "a" * 64),
             "data.npz": FileRef(f"models/{name}/data.npz", 20, "b" * 64),
@@ -54,7 +56,7 @@ class Env:
             storage_prefix=f"{name}-prefix",
             original_files=files,
             source_format="onnx",
-            job_config={"name": name},
+            job_config={"name": name} if deploy is None else {"name": name, "deploy": deploy},
             max_attempts=max_attempts,
             idempotency_key=key,
         )
@@ -226,6 +228,31 @@ def test_succeed_commits_one_new_version_even_when_called_twice(env: Env) -> Non
     assert env.store.progress(claim, "late", 0.1) is False
     assert env.store.fail(claim, "late") is False
     assert env.store.get(job.id).status == "succeeded"
+
+
+def test_succeed_deploys_the_new_version_by_default(env: Env) -> None:
+    env.upload("a")
+    assert env.catalog.get_model("a").default_version is None
+    assert _succeed(env, _claim(env)) == 2
+    assert env.catalog.get_model("a").default_version == 2
+
+
+def test_succeed_without_deploy_keeps_the_default_or_serves_the_original(env: Env) -> None:
+    env.upload("a", deploy=False)
+    assert _succeed(env, _claim(env)) == 2
+    assert env.catalog.get_model("a").default_version == 1  # it had none: the original
+    second = env.upload("b", deploy=True)
+    third = env.upload("c", deploy=False)
+    assert _succeed(env, _claim(env)) == 2 and env.store.get(second.id).status == "succeeded"
+    env.catalog.set_default_version("b", 1)  # a rollback stays put through a later no-deploy job
+    with write_transaction(env.engine) as conn:  # b's next job, deploy off (a re-optimization)
+        conn.execute(update(jobs).where(jobs.c.id == third.id).values(model_id=_model_id(env, "b")))
+    assert _succeed(env, _claim(env)) == 3
+    assert env.catalog.get_model("b").default_version == 1
+
+
+def _model_id(env: Env, name: str) -> int:
+    return env.catalog.get_model(name).id
 
 
 def test_fail_records_one_line_and_optionally_fails_the_original(env: Env) -> None:
