@@ -26,7 +26,8 @@ from service.jobs.worker import Worker
 from service.metrics import JobMetrics, NvmlCollector, ServingMetrics, VersionObserver, build_registry
 from service.serving.batcher import BatchingConfig
 from service.serving.dataplane import DataPlane
-from service.serving.registry import LoadedVersion, ModelRegistry
+from service.serving.loading import LoadedVersion
+from service.serving.registry import ModelRegistry
 from service.settings import Settings
 from service.storage.artifacts import ArtifactStore, open_store
 from service.storage.catalog import Catalog

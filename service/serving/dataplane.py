@@ -20,7 +20,8 @@ from service.metrics import ServingMetrics
 from service.protocol.codec import numpy_to_datatype
 from service.protocol.types import InferRequest, InferResponse, Tensor
 from service.serving.feedback import PredictionWindow
-from service.serving.registry import LoadedVersion, ModelRegistry
+from service.serving.loading import LoadedVersion
+from service.serving.registry import ModelRegistry
 
 PLATFORM = "onnxruntime_onnx"
 

@@ -25,78 +25,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
 import numpy as np
-import onnxruntime as ort
 
-from optimizer.artifact import TensorSpec
-from optimizer.errors import first_line
-from optimizer.runtime import RuntimeOptions, create_session
-from optimizer.sandbox import is_out_of_memory
+from optimizer.runtime import RuntimeOptions
 from service.errors import Conflict, NotFound, ServiceError, Unavailable
 from service.serving.batcher import Batcher, BatchingConfig, BatchObserver
+from service.serving.loading import MODEL_FILE, LoadedVersion, LoadError, open_version
 from service.storage.artifacts import ArtifactStore
 from service.storage.catalog import Catalog, FileRef, ModelRecord
 
 _log = logging.getLogger(__name__)
 
-#: The file of a version that is served.
-MODEL_FILE = "model.onnx"
-#: ONNX Runtime tensor types we serve, as TensorSpec dtype names (``str`` for strings, as in optimizer.io).
-_ORT_TYPES = {f"tensor({ort_name})": name for ort_name, name in (
-    ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("bool", "bool"), ("string", "str"),
-    *((kind, kind) for kind in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")),
-)}  # fmt: skip
 #: Delays between retries of a load that failed for a passing reason.
 _RETRY_FIRST_S = 2.0
 _RETRY_MAX_S = 60.0
 
 _Key = tuple[str, int]  # (model name, version number)
 _Identity = tuple[int, str, str]  # (model id, storage key, sha256): a deleted and re-created model differs
-
-
-@dataclass(eq=False)
-class LoadedVersion:
-    """One warmed-up model version: its session, interface and batcher."""
-
-    model: str
-    version: int
-    session: ort.InferenceSession
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    batcher: Batcher
-    summary: dict[str, Any] | None
-    path: Path
-    _names: list[str] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._names = [spec.name for spec in self.outputs]
-
-    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every output for ``inputs`` (batch axis first), through the dynamic batcher."""
-        return await self.batcher.submit(inputs)
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One blocking session run (the batcher calls it in a thread); ONNX Runtime errors translated.
-
-        Input that the model refuses (shape, type): ValueError. Out of memory: Unavailable.
-        Anything else: ServiceError (500).
-        """
-        try:
-            results = self.session.run(self._names, inputs)
-        except Exception as exc:  # onnxruntime's own pybind exception types
-            raise _run_error(exc) from exc
-        return dict(zip(self._names, results, strict=True))
 
 
 @dataclass(frozen=True)
@@ -135,15 +91,6 @@ class _Failure:
     permanent: bool
     attempts: int = 1
     retry_at: float = math.inf
-
-
-class _LoadError(Exception):
-    """A load failed; ``permanent`` when retrying the same file cannot help."""
-
-    def __init__(self, reason: str, *, permanent: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.permanent = permanent
 
 
 class ModelRegistry:
@@ -365,9 +312,11 @@ class ModelRegistry:
         identity = _identity(record, ref)
         try:
             if ref is None:
-                raise _LoadError(f"the version has no {MODEL_FILE}", permanent=True)
-            path, session, inputs, outputs = await anyio.to_thread.run_sync(self._open, ref)
-        except _LoadError as exc:
+                raise LoadError(f"the version has no {MODEL_FILE}", permanent=True)
+            path, session, inputs, outputs = await anyio.to_thread.run_sync(
+                partial(open_version, ref, cache_dir=self._cache_dir, artifacts=self._artifacts, runtime=self._runtime)
+            )
+        except LoadError as exc:
             self._fail(key, identity, exc.reason, exc.permanent)
             return
         batching = self._batching
@@ -395,39 +344,6 @@ class ModelRegistry:
         delay = math.inf if permanent else min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** (attempts - 1))
         self._failures[key] = _Failure(identity, reason, permanent, attempts, self._clock() + delay)
         _log.warning("model %s: version %d failed to load: %s", key[0], key[1], reason)
-
-    def _open(self, ref: FileRef) -> tuple[Path, ort.InferenceSession, list[TensorSpec], list[TensorSpec]]:
-        """In a worker thread: the verified local copy, its session and interface, after one warm-up run."""
-        path = self._cache_dir / f"{hashlib.sha256(ref.key.encode()).hexdigest()}.onnx"
-        try:
-            if not (path.is_file() and _sha256(path) == ref.sha256):
-                self._cache_dir.mkdir(parents=True, exist_ok=True)
-                self._artifacts.get_file(ref.key, path)
-                if _sha256(path) != ref.sha256:
-                    path.unlink(missing_ok=True)
-                    raise _LoadError("the model file does not match its checksum", permanent=True)
-        except NotFound as exc:
-            raise _LoadError("the model file is missing from storage", permanent=True) from exc
-        except ServiceError as exc:
-            raise _LoadError(exc.message, permanent=False) from exc
-        except OSError as exc:
-            raise _LoadError(f"the model cache failed: {exc.strerror or type(exc).__name__}", permanent=False) from exc
-        try:
-            session = create_session(path, self._runtime)
-        except MemoryError as exc:
-            raise _LoadError(f"out of memory: {first_line(exc)}", permanent=False) from exc
-        except ServiceError as exc:
-            raise _LoadError(exc.message, permanent=False) from exc
-        except Exception as exc:  # InvalidModel, InvalidConfig
-            raise _LoadError(first_line(exc, self._cache_dir), permanent=True) from exc
-        inputs = [_spec(node, "input") for node in session.get_inputs()]
-        outputs = [_spec(node, "output") for node in session.get_outputs()]
-        try:
-            session.run([spec.name for spec in outputs], _zeros(inputs))
-        except Exception as exc:  # onnxruntime's own exception types
-            text = first_line(exc, self._cache_dir)
-            raise _LoadError(f"the warm-up inference failed: {text}", permanent=not is_out_of_memory(exc)) from exc
-        return path, session, inputs, outputs
 
     def _hide(self, key: _Key) -> LoadedVersion:
         """Take the version out of service at once (new requests no longer find it); the caller releases it."""
@@ -464,38 +380,3 @@ _NO_FAILURE = _Failure(None, "", permanent=False, retry_at=-math.inf)
 
 def _identity(record: ModelRecord, ref: FileRef | None) -> _Identity | None:
     return (record.id, ref.key, ref.sha256) if ref is not None else None
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _spec(node: Any, kind: str) -> TensorSpec:
-    """A TensorSpec from ONNX Runtime's NodeArg; a type we cannot serve fails the load for good."""
-    dtype = _ORT_TYPES.get(node.type)
-    if dtype is None:
-        raise _LoadError(f"{kind} {node.name[:80]!r} has type {node.type[:80]}, which cannot be served", permanent=True)
-    shape = tuple(d if isinstance(d, int | str) else None for d in node.shape)
-    return TensorSpec(name=node.name, dtype=dtype, shape=shape)
-
-
-def _zeros(inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Warm-up feed: zeros (empty strings) shaped like each input, dynamic dimensions set to 1."""
-    feed: dict[str, np.ndarray] = {}
-    for spec in inputs:
-        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
-        feed[spec.name] = np.full(shape, "", dtype=object) if spec.dtype == "str" else np.zeros(shape, spec.dtype)
-    return feed
-
-
-def _run_error(exc: Exception) -> Exception:
-    """The error a caller of :meth:`LoadedVersion.run` sees for an ONNX Runtime failure."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
-
-    text = first_line(exc)
-    if is_out_of_memory(exc):
-        return Unavailable("out of memory running the model; retry later")
-    if isinstance(exc, InvalidArgument):
-        return ValueError(text)
-    return ServiceError(f"the model failed to run: {text}")

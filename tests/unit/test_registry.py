@@ -26,7 +26,8 @@ from optimizer.runtime import RuntimeOptions, create_session
 from service.errors import Conflict, NotFound, Unavailable
 from service.jobs.store import JobStore, files_json
 from service.serving.batcher import BatchingConfig
-from service.serving.registry import LoadedVersion, ModelRegistry, VersionStatus
+from service.serving.loading import LoadedVersion
+from service.serving.registry import ModelRegistry, VersionStatus
 from service.storage.artifacts import LocalStore
 from service.storage.catalog import Catalog, FileRef
 from service.storage.db import create_db_engine, migrate, models, versions, write_transaction
