@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PIP) install --quiet --disable-pip-version-check -e '.[torch,dev,bench]'
 	$(PY) bench/optimizer_bench.py --out bench/results
 	$(PY) bench/service_bench.py --out bench/results/service.json
+	$(PY) bench/serving_bench.py --out bench/results/serving.json
 
 gpu-check: $(STAMP)
 	bash scripts/gpu-check

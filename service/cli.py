@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import signal
@@ -75,6 +76,10 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=5,
         server_header=False,
     )
+    # Everything built so far lives as long as the process: keep it out of the cyclic collector's
+    # full passes (they paused the server for 100-200 ms under load in the serving benchmark).
+    gc.collect()
+    gc.freeze()
     dataplane = getattr(app.state, "dataplane", None)
     on_drain = dataplane.start_draining if dataplane is not None else None
     DrainingServer(config, on_drain=on_drain, drain_seconds=settings.drain_seconds).run()

@@ -234,13 +234,23 @@ class JobStore:
                 select(models.c.default_version).where(models.c.id == job.model_id).with_for_update()
             ).one()
             original = conn.execute(
-                select(versions.c.id, versions.c.files).where(
+                select(versions.c.id, versions.c.files, versions.c.summary).where(
                     versions.c.model_id == job.model_id, versions.c.number == 1
                 )
             ).first()
             if original is not None:
                 merged = {**dict(original.files or {}), **files_json(original_files)}
-                conn.execute(update(versions).where(versions.c.id == original.id).values(state="ready", files=merged))
+                measured = {
+                    "metric": summary.get("metric"),
+                    "accuracy": summary.get("baseline_accuracy"),
+                    "speedup": 1.0,
+                }
+                first = {**dict(original.summary or {}), **{k: v for k, v in measured.items() if v is not None}}
+                conn.execute(
+                    update(versions)
+                    .where(versions.c.id == original.id)
+                    .values(state="ready", files=merged, summary=first)
+                )
             top = conn.execute(select(func.max(versions.c.number)).where(versions.c.model_id == job.model_id)).scalar()
             number = int(top or 0) + 1
             conn.execute(
@@ -431,3 +441,9 @@ class JobStore:
             guard = [jobs.c.id == row.id, jobs.c.status == "running", jobs.c.lease_owner == row.lease_owner]
             reclaimed += conn.execute(update(jobs).where(*guard).values(**values)).rowcount
         return reclaimed
+
+
+def _original_summary(current: Mapping[str, Any] | None, optimized: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 1's summary with the original's figures as the optimization measured them."""
+    measured = {"metric": optimized.get("metric"), "accuracy": optimized.get("baseline_accuracy"), "speedup": 1.0}
+    return {**dict(current or {}), **{k: v for k, v in measured.items() if v is not None}}

@@ -106,8 +106,10 @@ class DataPlane:
             served = self.registry.get(model, version)
             feed = _feed(served, request)
             wanted = _wanted_outputs(served, request)
+            timeout = request.parameters.get("timeout")  # Triton's per-request limit, in microseconds
+            timeout_s = timeout / 1e6 if isinstance(timeout, int) and timeout > 0 else None
             try:
-                outputs = await served.infer(feed)
+                outputs = await served.infer(feed, timeout_s=timeout_s)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
             response = InferResponse(
@@ -140,15 +142,19 @@ class DataPlane:
         for item in items:  # every item is checked before any is counted: a retry never counts twice
             if not isinstance(item, dict) or not isinstance(item.get("id"), str) or item.get("label") is None:
                 raise BadRequest('each feedback item needs a string "id" and a "label"')
+        windows = [self._windows[(model, n)] for n in versions if (model, n) in self._windows]
+        for item in items:  # labels that do not fit their prediction refuse the whole call, before counting
+            for window in windows:
+                window.check(item["id"], item["label"])
         counts = {"correct": 0, "incorrect": 0, "unknown": 0}
         for item in items:
             request_id, label = item["id"], item["label"]
             outcome, version = "unknown", None
             for number in versions:
-                window = self._windows.get((model, number))
-                if window is None:
+                held = self._windows.get((model, number))
+                if held is None:
                     continue
-                outcome = window.judge(request_id, label, tolerance=tolerance)
+                outcome = held.judge(request_id, label, tolerance=tolerance)
                 if outcome != "unknown":
                     version = number
                     break

@@ -79,6 +79,12 @@ class PredictionWindow:
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
 
+    def check(self, request_id: str, label: Any) -> None:
+        """BadRequest when ``label`` does not fit the prediction kept for ``request_id``; changes nothing."""
+        entry = self._items.get(request_id)
+        if entry is not None:
+            _label_array(label, entry, request_id)
+
     def judge(self, request_id: str, label: Any, *, tolerance: float = 0.0) -> Outcome:
         """Compare ``label`` with the prediction kept for ``request_id``, then forget the id.
 

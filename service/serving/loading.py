@@ -49,9 +49,12 @@ class LoadedVersion:
     def __post_init__(self) -> None:
         self._names = [spec.name for spec in self.outputs]
 
-    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every output for ``inputs`` (batch axis first), through the dynamic batcher."""
-        return await self.batcher.submit(inputs)
+    async def infer(self, inputs: dict[str, np.ndarray], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Every output for ``inputs`` (batch axis first), through the dynamic batcher.
+
+        ``timeout_s``: this request's own limit for starting (None: the batcher's default).
+        """
+        return await self.batcher.submit(inputs, timeout_s=timeout_s)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One blocking session run (the batcher calls it in a thread); ONNX Runtime errors translated.
@@ -109,6 +112,19 @@ def open_version(
         text = first_line(exc, cache_dir)
         raise LoadError(f"the warm-up inference failed: {text}", permanent=not is_out_of_memory(exc)) from exc
     return path, session, inputs, outputs
+
+
+#: Operators whose quantization scale is computed over the whole input tensor: with them, a row's
+#: answer depends on the other rows of its batch, so such versions are not batched across requests.
+BATCH_COUPLED_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def rows_are_coupled(path: Path) -> bool:
+    """Whether the model's graph holds an operator that mixes rows (dynamic quantization)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.op_type in BATCH_COUPLED_OPS for node in model.graph.node)
 
 
 def _sha256(path: Path) -> str:

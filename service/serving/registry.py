@@ -41,7 +41,7 @@ import numpy as np
 from optimizer.runtime import RuntimeOptions
 from service.errors import Conflict, NotFound, ServiceError, Unavailable
 from service.serving.batcher import Batcher, BatchingConfig, BatchObserver
-from service.serving.loading import MODEL_FILE, LoadedVersion, LoadError, open_version
+from service.serving.loading import MODEL_FILE, LoadedVersion, LoadError, open_version, rows_are_coupled
 from service.storage.artifacts import ArtifactStore
 from service.storage.catalog import Catalog, FileRef, ModelRecord
 
@@ -320,7 +320,8 @@ class ModelRegistry:
             self._fail(key, identity, exc.reason, exc.permanent)
             return
         batching = self._batching
-        if not all(spec.batch_dynamic for spec in inputs):  # a fixed batch axis: requests run one by one
+        coupled = await anyio.to_thread.run_sync(rows_are_coupled, path)
+        if coupled or not all(spec.batch_dynamic for spec in inputs):  # fixed batch axis or rows mixed: one by one
             batching = replace(batching, max_batch_size=1, preferred_batch_size=())
         loaded: LoadedVersion
 
