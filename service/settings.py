@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
     max_queue_delay_microseconds: int = Field(2000, ge=0, description="longest wait to fill a batch")
     max_queue_size: int = Field(1024, ge=1, description="requests waiting per version; past it 503 at once")
-    inference_timeout_seconds: float = Field(30.0, gt=0, description="a request not started by then is answered 504")
+    inference_timeout_seconds: float = Field(30.0, gt=0, description="not started by then: 503, never run later")
     concurrent_batches: int = Field(1, ge=1, description="batches running at once per version")
     inference_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per session (0: its default)")
     registry_poll_seconds: float = Field(2.0, gt=0, description="how often serving follows the database's versions")

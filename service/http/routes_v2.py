@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 
-from service.errors import NotFound, TooLarge
+from service.errors import NotFound, TooLarge, UnsupportedFormat
 from service.http.auth import require
 from service.protocol.codec import CodecLimits, decode_request, encode_json, encode_response, parse_header_length
 from service.serving.dataplane import DataPlane
@@ -93,6 +93,8 @@ async def infer_version(request: Request, model: ModelName, version: Version) ->
 
 async def _infer(request: Request, model: str, version: int | None) -> Response:
     limits: CodecLimits = request.app.state.codec_limits
+    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        raise UnsupportedFormat("compressed request bodies are not accepted")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
         raise TooLarge(f"the request body is larger than the limit of {limits.max_body_bytes} bytes")

@@ -8,6 +8,7 @@ for online-accuracy feedback and counts the request. Every refusal is a ServiceE
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -85,13 +86,15 @@ class DataPlane:
     async def start_draining(self) -> None:
         """Shutdown begins: readiness goes false, queued requests are answered 503, running batches finish."""
         self.draining = True
+        batchers = []
         for status in self.registry.models():
             for number in self.registry.versions(status.name):
                 try:
-                    served = self.registry.get(status.name, number)
+                    batchers.append(self.registry.get(status.name, number).batcher)
                 except ServiceError:
                     continue
-                await served.batcher.close(drain=False)
+        # all at once: each close waits for its running batch, and no queue may wait on another's
+        await asyncio.gather(*(batcher.close(drain=False) for batcher in batchers))
 
     # -- inference --
 
