@@ -26,15 +26,12 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +39,8 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
+
+from bench.serving_procs import slimserve  # noqa: E402 - after the path fix above
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -77,49 +76,6 @@ def build_data(path: Path, in_features: int, samples: int = 8) -> Path:
 
     np.savez(path, x=np.random.default_rng(1).standard_normal((samples, in_features), dtype=np.float32))
     return path
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def server(home: Path) -> Iterator[tuple[str, int]]:
-    """A ``slimserve serve`` subprocess without worker on a free port: (url, pid); stopped afterwards."""
-    import httpx
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
-    env.update(SLIMSERVE_HOME=str(home), SLIMSERVE_RUN_WORKER="false", SLIMSERVE_LOG_LEVEL="warning")
-    log_path = home / "server.log"
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy within 60 s")
-            time.sleep(0.1)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class RssSampler:
@@ -300,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         work, home = Path(temp) / "work", Path(temp) / "home"
         work.mkdir()
         home.mkdir()
-        with server(home) as (url, pid):
+        with slimserve(home, cpus=None, settings={"SLIMSERVE_RUN_WORKER": "false"}) as served:
+            url, pid = served.url, served.popen.pid
             upload = bench_upload(url, pid, work, args.size_mb, args.uploads)
             status = bench_status(url, home, work, args.jobs, args.gets)
     machine["load_after"] = os.getloadavg()[0]

@@ -9,18 +9,13 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from service.errors import Conflict
 from service.http.auth import require
 from service.http.routes_models import Name, Number, plane
+from service.http.routes_v2 import plane as dataplane
 from service.http.schemas import ErrorOut, ModelOut
 from service.jobconfig import check_name
-from service.serving.dataplane import DataPlane
 
 router = APIRouter(prefix="/v1/models", tags=["serving"])
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 503)}
 FeedbackItems = Annotated[list[dict[str, Any]], Body(max_length=10_000)]
-
-
-def dataplane(request: Request) -> DataPlane:
-    data: DataPlane = request.app.state.dataplane
-    return data
 
 
 @router.post(
