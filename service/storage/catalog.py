@@ -104,13 +104,25 @@ class Catalog:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
 
+        def existing(conn: Connection) -> tuple[ModelRecord, JobRecord, bool] | None:
+            if idempotency_key is None:
+                return None
+            row = conn.execute(job_query().where(jobs.c.idempotency_key == idempotency_key)).first()
+            if row is None:
+                return None
+            job = job_record(row)
+            return self._model(conn, job.model_name), job, False
+
         def work(conn: Connection) -> tuple[ModelRecord, JobRecord, bool]:
-            if idempotency_key is not None:
-                row = conn.execute(job_query().where(jobs.c.idempotency_key == idempotency_key)).first()
-                if row is not None:
-                    job = job_record(row)
-                    return self._model(conn, job.model_name), job, False
+            found = existing(conn)
+            if found is not None:
+                return found
             if conn.execute(select(models.c.id).where(models.c.name == name)).first() is not None:
+                # Postgres (read committed): a concurrent retry with this key may have committed its model
+                # and job between the two statements above; each statement sees the latest commits.
+                found = existing(conn)
+                if found is not None:
+                    return found
                 raise Conflict(f"model {name!r} already exists")
             now = self._clock()
             model_id = conn.execute(
