@@ -134,8 +134,11 @@ def build_serving(services: Services) -> DataPlane:
     return dataplane
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ASGI application: the /v1 API, KServe v2 serving and (unless turned off) one in-process worker."""
+def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> FastAPI:
+    """The ASGI application: the /v1 API, KServe v2 serving and (unless turned off) one in-process worker.
+
+    ``fast_path=False`` leaves inference to FastAPI's routes instead of ``InferFastPath`` (for tests).
+    """
     from service.http.api import build_api
 
     settings = settings or Settings()
@@ -174,5 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.close()
 
     return build_api(
-        plane=services.plane, settings=settings, registry=services.registry, lifespan=lifespan, dataplane=dataplane
+        plane=services.plane,
+        settings=settings,
+        registry=services.registry,
+        lifespan=lifespan,
+        dataplane=dataplane,
+        fast_path=fast_path,
     )

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from service.control import ControlPlane
 from service.http import handlers, routes_jobs, routes_models, routes_serving, routes_v2
 from service.http.auth import KeyRing
+from service.http.infer_path import InferFastPath
 from service.protocol.codec import CodecLimits
 from service.serving.dataplane import DataPlane
 from service.settings import Settings
@@ -27,8 +28,12 @@ def build_api(
     registry: CollectorRegistry,
     lifespan: Lifespan,
     dataplane: DataPlane | None = None,
+    fast_path: bool = True,
 ) -> FastAPI:
-    """The ASGI app: /v1 routes, KServe v2 (with a data plane), /metrics, /docs, error handlers."""
+    """The ASGI app: /v1 routes, KServe v2 (with a data plane), /metrics, /docs, error handlers.
+
+    ``fast_path=False`` leaves the infer requests to FastAPI's routes (the parity test uses it).
+    """
     app = FastAPI(
         title="slimserve",
         summary="Upload a model and sample data; get it back faster and smaller, inside your accuracy budget.",
@@ -49,6 +54,8 @@ def build_api(
         app.state.codec_limits = CodecLimits()
         app.include_router(routes_serving.router)
         app.include_router(routes_v2.router)
+        if fast_path:
+            app.add_middleware(InferFastPath, plane=dataplane, keys=app.state.keys, limits=app.state.codec_limits)
 
     @app.get("/v1/health", tags=["health"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:

@@ -49,10 +49,22 @@ class KeyRing:
             return {"admin", "infer"}
         return {"infer"} if is_infer else set()
 
+    def check(self, authorization: str | None, scope: Scope) -> None:
+        """Raise 401 without a valid key in ``authorization`` (the header's value), 403 without ``scope``."""
+        if not self.enabled:
+            return
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthorized("missing API key (Authorization: Bearer <key>)")
+        granted = self.scopes(token)
+        if not granted:
+            raise Unauthorized("invalid API key")
+        if scope not in granted:
+            raise Forbidden(f"this key lacks the {scope!r} scope")
 
-def bearer_token(request: Request) -> str | None:
-    """The key from ``Authorization: Bearer <key>``, or None."""
-    header = request.headers.get("authorization")
+
+def bearer_token(header: str | None) -> str | None:
+    """The key from an ``Authorization: Bearer <key>`` header's value, or None."""
     if not header:
         return None
     scheme, _, token = header.partition(" ")
@@ -69,15 +81,6 @@ def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
 
     async def check(request: Request) -> None:
         keys: KeyRing = request.app.state.keys
-        if not keys.enabled:
-            return
-        token = bearer_token(request)
-        if token is None:
-            raise Unauthorized("missing API key (Authorization: Bearer <key>)")
-        granted = keys.scopes(token)
-        if not granted:
-            raise Unauthorized("invalid API key")
-        if scope not in granted:
-            raise Forbidden(f"this key lacks the {scope!r} scope")
+        keys.check(request.headers.get("authorization"), scope)
 
     return check

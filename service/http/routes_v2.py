@@ -1,8 +1,9 @@
 """KServe v2 (Open Inference Protocol) over HTTP: health, metadata, inference (JSON and binary tensors).
 
-FastAPI's request validation is bypassed on ``infer``: the body is read raw and decoded by
-``service.protocol.codec`` (orjson; the binary tensor extension), so malformed input is always a
-400 with ``{"error": ...}`` and the hot path builds no pydantic models.
+The infer routes here describe the endpoints in the OpenAPI schema; in the running service
+``service.http.infer_path.InferFastPath`` answers them ahead of FastAPI's router, through the same
+``infer_bytes``. Either way the body is read raw and decoded by ``service.protocol.codec`` (orjson;
+the binary tensor extension), so malformed input is always a 400 with ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 
-from service.errors import NotFound, TooLarge, UnsupportedFormat
+from service.errors import TooLarge
 from service.http.auth import require
-from service.protocol.codec import CodecLimits, decode_request, encode_json, encode_response, parse_header_length
+from service.http.infer_path import check_body_headers, infer_bytes, version_number
+from service.protocol.codec import CodecLimits, encode_json
 from service.serving.dataplane import DataPlane
 
 router = APIRouter(prefix="/v2", tags=["inference (KServe v2)"])
@@ -28,15 +30,6 @@ def plane(request: Request) -> DataPlane:
     """The data plane the composition root put on the app."""
     data: DataPlane = request.app.state.dataplane
     return data
-
-
-def version_number(text: str | None) -> int | None:
-    """A path's version as a number (404 for anything that cannot be one)."""
-    if text is None:
-        return None
-    if not text.isdigit() or len(text) > 9 or int(text) < 1:
-        raise NotFound("no such model version")
-    return int(text)
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -92,19 +85,14 @@ async def infer_version(request: Request, model: ModelName, version: Version) ->
 
 
 async def _infer(request: Request, model: str, version: int | None) -> Response:
+    """Reached only without the :class:`~service.http.infer_path.InferFastPath` middleware."""
     limits: CodecLimits = request.app.state.codec_limits
-    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-        raise UnsupportedFormat("compressed request bodies are not accepted")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise TooLarge(f"the request body is larger than the limit of {limits.max_body_bytes} bytes")
+    headers = request.headers
+    check_body_headers(headers, limits)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limits.max_body_bytes:
             raise TooLarge(f"the request body is larger than the limit of {limits.max_body_bytes} bytes")
-    header_length = parse_header_length(request.headers.get("inference-header-content-length"))
-    decoded = decode_request(bytes(body), header_length=header_length, limits=limits)
-    response = await plane(request).infer(model, version, decoded)
-    payload, headers = encode_response(response, binary=decoded.wants_binary)
-    return Response(payload, headers=headers, media_type=headers.pop("content-type", _JSON))
+    payload, out = await infer_bytes(plane(request), limits, headers, bytes(body), model, version)
+    return Response(payload, headers=out, media_type=out.pop("content-type"))

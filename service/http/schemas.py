@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from service.jobs.store import JobRecord
+from service.jobs.records import JobRecord
 from service.storage.catalog import ModelRecord, VersionRecord
 
 
