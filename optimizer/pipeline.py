@@ -31,11 +31,14 @@ from optimizer.evaluate import accuracy
 from optimizer.evaluate.measure import Evaluator
 from optimizer.passes import registry
 from optimizer.passes.base import PassContext
-from optimizer.report import Budget, Candidate, DataSummary, ModelSummary, Report, Skipped, write_json
+from optimizer.report import Budget, Candidate, DataSummary, Measurement, ModelSummary, Report, Skipped, write_json
 from optimizer.report_html import write_html
 from optimizer.runtime import Device, RuntimeOptions, cpu_has_vnni, resolve_device
 
 ProgressFn = Callable[[str, float], None]
+#: Called once the original is validated and measured: its ONNX file (valid during the call only)
+#: and the baseline measurement.
+OriginalFn = Callable[[Path, Measurement], None]
 
 
 class OptimizeConfig(BaseModel):
@@ -82,18 +85,21 @@ def optimize(
     progress: ProgressFn | None = None,
     *,
     keep_original: bool = False,
+    on_original: OriginalFn | None = None,
 ) -> Report:
     """Run the whole optimization and write the outputs; OptimizerError on bad input.
 
     ``keep_original`` also publishes the validated original, converted to ONNX, as
-    ``out_dir/original.onnx`` (what the service serves as version 1).
+    ``out_dir/original.onnx`` (what the service serves as version 1). ``on_original`` hears about
+    that file as soon as the original has run on the whole validation split (the baseline), long
+    before the candidates are done; an exception it raises fails the run.
     """
     config = config or OptimizeConfig()
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".slimserve-", dir=out_dir.parent))
     try:
-        report, chosen_path = _Run(config, work, progress or (lambda _stage, _fraction: None)).execute(
+        report, chosen_path = _Run(config, work, progress or (lambda _stage, _fraction: None), on_original).execute(
             Path(model_path), Path(data_path)
         )
         original = work / "original" / "model.onnx" if keep_original else None
@@ -124,10 +130,13 @@ def _publish(work: Path, out_dir: Path, chosen: Path, report: Report, original: 
 class _Run:
     """State of one optimization run (kept out of the public API)."""
 
-    def __init__(self, config: OptimizeConfig, work: Path, progress: ProgressFn) -> None:
+    def __init__(
+        self, config: OptimizeConfig, work: Path, progress: ProgressFn, on_original: OriginalFn | None = None
+    ) -> None:
         self.config = config
         self.work = work
         self.progress = progress
+        self.on_original = on_original
         self.started = time.monotonic()
         self.device = resolve_device(config.device)
         self.runtime = RuntimeOptions(device=self.device, intra_op_threads=config.intra_op_threads)
@@ -165,6 +174,8 @@ class _Run:
 
         self.progress("baseline", 0.1)
         baseline = self.evaluator.baseline(original)
+        if self.on_original is not None:
+            self.on_original(original.path, baseline)
 
         candidates = self._candidates(original, split.calibration)
 

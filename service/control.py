@@ -21,7 +21,8 @@ from optimizer.errors import InvalidData, OptimizerError
 from optimizer.io import sniff_format
 from service.errors import BadRequest, NotFound, UnsupportedFormat
 from service.jobconfig import JobConfig, check_name
-from service.jobs.store import JobRecord, JobStore
+from service.jobs.records import JobRecord
+from service.jobs.store import JobStore
 from service.settings import Settings
 from service.storage.artifacts import ArtifactStore
 from service.storage.catalog import Catalog, FileRef, ModelRecord, VersionRecord

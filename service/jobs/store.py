@@ -23,106 +23,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import Connection, Engine, Row, Select, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from service.errors import NotFound
+from service.jobs.records import STATUSES, Claim, JobRecord, files_json, job_query, job_record, one_line
 from service.storage.db import jobs, models, run_read, run_write, versions
 
 if TYPE_CHECKING:
     from service.storage.catalog import FileRef
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-#: Every job status, in lifecycle order.
-STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-#: Statuses a job never leaves.
-FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-
-_MAX_REASON = 500
 _MAX_WORKER_ID = 64
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One job as stored, with its model's name and storage prefix."""
-
-    id: str
-    model_id: int
-    model_name: str
-    storage_prefix: str
-    status: Status
-    stage: str
-    progress: float
-    error: str | None
-    config: dict[str, Any]
-    attempts: int
-    max_attempts: int
-    result_version: int | None
-    cancel_requested: bool
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-
-    @property
-    def finished(self) -> bool:
-        """Whether the job reached a final status."""
-        return self.status in FINISHED
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A running job held by one worker; ``token`` (``"<worker id>:<attempt>"``) owns its lease."""
-
-    job: JobRecord
-    token: str
-
-
-def job_query() -> Select[Any]:
-    """SELECT of every job column plus its model's name and storage prefix (for :func:`job_record`)."""
-    return select(jobs, models.c.name.label("model_name"), models.c.storage_prefix).join(
-        models, models.c.id == jobs.c.model_id
-    )
-
-
-def job_record(row: Row[Any]) -> JobRecord:
-    """A :class:`JobRecord` from a row of :func:`job_query`."""
-    m = row._mapping
-    return JobRecord(
-        id=m["id"],
-        model_id=m["model_id"],
-        model_name=m["model_name"],
-        storage_prefix=m["storage_prefix"],
-        status=m["status"],
-        stage=m["stage"],
-        progress=float(m["progress"]),
-        error=m["error"],
-        config=dict(m["config"] or {}),
-        attempts=m["attempts"],
-        max_attempts=m["max_attempts"],
-        result_version=m["result_version"],
-        cancel_requested=bool(m["cancel_requested"]),
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-        started_at=m["started_at"],
-        finished_at=m["finished_at"],
-    )
-
-
-def files_json(files: Mapping[str, FileRef]) -> dict[str, dict[str, Any]]:
-    """The ``versions.files`` JSON of ``{filename: FileRef}``."""
-    return {name: {"key": ref.key, "size": int(ref.size), "sha256": ref.sha256} for name, ref in files.items()}
-
-
-def one_line(reason: str) -> str:
-    """A stored error message: the first non-empty line, bounded (never empty)."""
-    for line in str(reason).splitlines():
-        if line.strip():
-            return line.strip()[:_MAX_REASON]
-    return "failed"
 
 
 class JobStore:
@@ -199,6 +111,30 @@ class JobStore:
         values = {"stage": one_line(stage)[:64], "progress": value}
         return run_write(self._engine, lambda conn: self._guarded(conn, claim, values), idempotent=True)
 
+    def publish_original(self, claim: Claim, files: Mapping[str, FileRef], figures: Mapping[str, Any]) -> bool:
+        """Version 1 ready with ``files`` merged in, while ``claim`` owns the running job; False otherwise.
+
+        Called when the sandbox has validated and measured the original, before the candidates:
+        from then on version 1 is served (and is the default while the model has none).
+        ``figures`` holds the baseline's ``metric`` and ``accuracy``.
+        """
+
+        def work(conn: Connection) -> bool:
+            job = conn.execute(select(jobs.c.model_id).where(*self._owns(claim)).with_for_update()).first()
+            if job is None:
+                return False
+            measured = {"metric": figures.get("metric"), "baseline_accuracy": figures.get("accuracy")}
+            if not _ready_original(conn, job.model_id, files, measured):
+                return False
+            conn.execute(
+                update(models)
+                .where(models.c.id == job.model_id, models.c.default_version.is_(None))
+                .values(default_version=1)
+            )
+            return True
+
+        return run_write(self._engine, work, idempotent=True)
+
     def succeed(
         self,
         claim: Claim,
@@ -233,24 +169,7 @@ class JobStore:
             model = conn.execute(
                 select(models.c.default_version).where(models.c.id == job.model_id).with_for_update()
             ).one()
-            original = conn.execute(
-                select(versions.c.id, versions.c.files, versions.c.summary).where(
-                    versions.c.model_id == job.model_id, versions.c.number == 1
-                )
-            ).first()
-            if original is not None:
-                merged = {**dict(original.files or {}), **files_json(original_files)}
-                measured = {
-                    "metric": summary.get("metric"),
-                    "accuracy": summary.get("baseline_accuracy"),
-                    "speedup": 1.0,
-                }
-                first = {**dict(original.summary or {}), **{k: v for k, v in measured.items() if v is not None}}
-                conn.execute(
-                    update(versions)
-                    .where(versions.c.id == original.id)
-                    .values(state="ready", files=merged, summary=first)
-                )
+            original = _ready_original(conn, job.model_id, original_files, summary)
             top = conn.execute(select(func.max(versions.c.number)).where(versions.c.model_id == job.model_id)).scalar()
             number = int(top or 0) + 1
             conn.execute(
@@ -267,7 +186,7 @@ class JobStore:
             default: int | None = model.default_version
             if bool(dict(job.config or {}).get("deploy", True)):
                 default = number
-            elif default is None and original is not None:
+            elif default is None and original:
                 default = 1
             if default != model.default_version:
                 conn.execute(update(models).where(models.c.id == job.model_id).values(default_version=default))
@@ -299,11 +218,10 @@ class JobStore:
 
         def also(conn: Connection, _now: float) -> None:
             if original_state is not None:
-                conn.execute(
-                    update(versions)
-                    .where(versions.c.model_id == claim.job.model_id, versions.c.number == 1)
-                    .values(state=original_state)
-                )
+                where = [versions.c.model_id == claim.job.model_id, versions.c.number == 1]
+                if original_state != "ready":  # an original already validated and served stays so
+                    where.append(versions.c.state != "ready")
+                conn.execute(update(versions).where(*where).values(state=original_state))
 
         return self._finish(claim, values, also)
 
@@ -443,7 +361,23 @@ class JobStore:
         return reclaimed
 
 
-def _original_summary(current: Mapping[str, Any] | None, optimized: Mapping[str, Any]) -> dict[str, Any]:
-    """Version 1's summary with the original's figures as the optimization measured them."""
+def _ready_original(
+    conn: Connection, model_id: int, files: Mapping[str, FileRef], optimized: Mapping[str, Any]
+) -> bool:
+    """Mark version 1 ready with ``files`` merged into its files and the original's measured figures
+    (``metric`` and ``baseline_accuracy`` of ``optimized``, a job summary) in its summary; False when
+    the model has no version 1."""
+    original = conn.execute(
+        select(versions.c.id, versions.c.files, versions.c.summary).where(
+            versions.c.model_id == model_id, versions.c.number == 1
+        )
+    ).first()
+    if original is None:
+        return False
     measured = {"metric": optimized.get("metric"), "accuracy": optimized.get("baseline_accuracy"), "speedup": 1.0}
-    return {**dict(current or {}), **{k: v for k, v in measured.items() if v is not None}}
+    summary = {**dict(original.summary or {}), **{k: v for k, v in measured.items() if v is not None}}
+    merged = {**dict(original.files or {}), **files_json(files)}
+    conn.execute(
+        update(versions).where(versions.c.id == original.id).values(state="ready", files=merged, summary=summary)
+    )
+    return True

@@ -11,6 +11,8 @@ downloads the inputs, uploads the outputs and commits, checking the child's summ
 from __future__ import annotations
 
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +20,29 @@ from pydantic import ValidationError
 
 from optimizer.errors import InvalidConfig
 from optimizer.pipeline import OptimizeConfig, optimize
-from optimizer.report import Report
+from optimizer.report import Measurement, Report
 from optimizer.sandbox import emit
 
 #: What :func:`run_optimization` leaves in ``out_dir``: the pipeline's outputs and the validated original.
 OUTPUT_FILES = ("model.onnx", "report.json", "report.html", "original.onnx")
+#: The validated original's name in ``early_dir`` (and in the ``original`` event).
+EARLY_ORIGINAL = "original.onnx"
 
 _MAX_SUMMARY_ITEMS = 64
 _MAX_SUMMARY_TEXT = 1000
 
 
-def run_optimization(model_path: str, data_path: str, out_dir: str, options: dict[str, Any]) -> dict[str, Any]:
+def run_optimization(
+    model_path: str, data_path: str, out_dir: str, options: dict[str, Any], early_dir: str | None = None
+) -> dict[str, Any]:
     """Validate (and convert) the original, optimize it and return a summary of the report.
 
     ``options`` is ``OptimizeConfig(...).model_dump(mode="json")``. Writes ``out_dir/model.onnx``,
     ``report.json``, ``report.html`` (the pipeline's outputs) and ``original.onnx`` (the validated
     original as ONNX, what version 1 serves); nothing appears in ``out_dir`` unless all succeeded.
+    With ``early_dir``, the validated original is also written there as ``original.onnx`` as soon
+    as it has been measured, and the event ``{"original": "original.onnx", "metric": ...,
+    "accuracy": ...}`` tells the parent, which can serve it while the candidates are built.
     OptimizerError on a bad model, bad data or bad options.
     """
     try:
@@ -43,8 +52,32 @@ def run_optimization(model_path: str, data_path: str, out_dir: str, options: dic
         where = ".".join(str(part) for part in error.get("loc", ())) or "options"
         raise InvalidConfig(f"invalid optimization options: {where}: {error.get('msg', 'invalid')}") from None
     emit({"stage": "validate model", "progress": 0.0})
-    report = optimize(Path(model_path), Path(data_path), Path(out_dir), config, progress=_progress, keep_original=True)
+    on_original = _early_publisher(Path(early_dir)) if early_dir is not None else None
+    report = optimize(
+        Path(model_path),
+        Path(data_path),
+        Path(out_dir),
+        config,
+        progress=_progress,
+        keep_original=True,
+        on_original=on_original,
+    )
     return summarize(report)
+
+
+def _early_publisher(folder: Path) -> Callable[[Path, Measurement], None]:
+    """The pipeline's ``on_original``: copy the file into ``folder`` (atomically), then tell the parent."""
+
+    def publish(original: Path, baseline: Measurement) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{EARLY_ORIGINAL}.partial"
+        shutil.copyfile(original, partial)
+        partial.replace(folder / EARLY_ORIGINAL)
+        accuracy = baseline.accuracy.value
+        figures = {"metric": baseline.accuracy.metric, "accuracy": accuracy if math.isfinite(accuracy) else None}
+        emit({"original": EARLY_ORIGINAL, **figures})
+
+    return publish
 
 
 def _progress(stage: str, fraction: float) -> None:

@@ -40,7 +40,9 @@ from optimizer.errors import ConversionFailed, InvalidModel, OptimizerError, Uns
 from optimizer.sandbox import SandboxCancelled, SandboxLimits, redact_paths, run_isolated
 from service.errors import NotFound, ServiceError, StorageFull
 from service.jobconfig import JobConfig
-from service.jobs.store import Claim, JobStore
+from service.jobs.early import EarlyOriginal
+from service.jobs.records import Claim
+from service.jobs.store import JobStore
 from service.jobs.task import clean_summary, run_optimization
 from service.metrics import JobMetrics
 from service.settings import Settings
@@ -165,6 +167,17 @@ class Worker:
         model, data = inputs
         out = folder / "work" / "out"
         progress = _Progress(self.jobs, claim, lease)
+        early_dir = folder / "work" / "early"
+        early = EarlyOriginal(
+            jobs=self.jobs, catalog=self.catalog, artifacts=self.artifacts, claim=claim, folder=early_dir
+        )
+
+        def on_event(event: dict[str, Any]) -> None:
+            if "original" in event:
+                early(event)
+            else:
+                progress(event)
+
         limits = SandboxLimits(
             memory_bytes=self.settings.job_memory_bytes,
             timeout_s=self.settings.job_timeout_seconds,
@@ -177,9 +190,10 @@ class Worker:
                 str(data),
                 str(out),
                 options,
+                str(early.folder),
                 limits=limits,
                 description="optimization",
-                on_event=progress,
+                on_event=on_event,
                 should_stop=lease.should_stop,
             )
         except SandboxCancelled:
@@ -192,7 +206,7 @@ class Worker:
         reason = lease.reason()
         if reason in ("lost", "cancel"):  # the result is not wanted any more
             return self._stopped(claim, lease)
-        return self._publish(claim, out, summary)
+        return self._publish(claim, out, summary, early.ref)
 
     def _download(self, claim: Claim, folder: Path) -> tuple[Path, Path] | None:
         """Version 1's model and data into ``folder``, checksums verified; None when the model is gone."""
@@ -220,11 +234,15 @@ class Worker:
                     raise _Unusable(f"the uploaded {name.split('.')[0]} file is corrupted in storage")
         return local[models[0]], local["data.npz"]
 
-    def _publish(self, claim: Claim, out: Path, summary: Any) -> str | None:
-        """Upload the outputs under this attempt's prefix and commit the new version."""
+    def _publish(self, claim: Claim, out: Path, summary: Any, original: FileRef | None) -> str | None:
+        """Upload the outputs under this attempt's prefix and commit the new version.
+
+        ``original`` is version 1's file when it was published early (else it is uploaded here).
+        """
         job = claim.job
+        names = OPTIMIZED_FILES if original is not None else (*OPTIMIZED_FILES, ORIGINAL_OUTPUT)
         try:
-            files = {name: _output_file(out, name) for name in (*OPTIMIZED_FILES, ORIGINAL_OUTPUT)}
+            files = {name: _output_file(out, name) for name in names}
         except _Unusable as exc:
             return self._fail(claim, str(exc))
         prefix = f"models/{job.storage_prefix}/jobs/{job.id}/{job.attempts}"
@@ -244,7 +262,7 @@ class Worker:
             claim,
             optimized_files={name: stored[name] for name in OPTIMIZED_FILES},
             summary=clean_summary(summary),
-            original_files={"model.onnx": stored[ORIGINAL_OUTPUT]},
+            original_files={"model.onnx": original or stored[ORIGINAL_OUTPUT]},
         )
         if number is None:
             _log.warning("job %s: lease lost before the commit; attempt %d discarded", job.id, job.attempts)

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, up
 from sqlalchemy import exc as sa_exc
 
 from service.errors import BadRequest, Conflict, NotFound
-from service.jobs.store import JobRecord, files_json, job_query, job_record
+from service.jobs.records import JobRecord, files_json, job_query, job_record
 from service.storage.db import jobs, models, run_read, run_write, versions
 
 VersionKind = Literal["original", "optimized"]

@@ -25,8 +25,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, update
 
+from optimizer.errors import InvalidModel
+from optimizer.sandbox import emit
 from service.errors import StorageFull, Unavailable
-from service.jobs.store import Claim, JobStore
+from service.jobs.records import Claim
+from service.jobs.store import JobStore
 from service.jobs.task import run_optimization
 from service.jobs.worker import Worker
 from service.metrics import JobMetrics
@@ -43,11 +46,23 @@ WAIT_S = 120.0  # how long a test waits for a child to reach a point (a bound, n
 # ---- the task run in the child ----------------------------------------------------------------
 
 
-def scripted_task(model_path: str, data_path: str, out_dir: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Do what the uploaded "model" says: crash, oom, sleep <pid file>, env; anything else succeeds."""
+def scripted_task(
+    model_path: str, data_path: str, out_dir: str, options: dict[str, Any], early_dir: str | None = None
+) -> dict[str, Any]:
+    """Do what the uploaded "model" says: crash, oom, sleep <pid file>, env, early [<pid file> | invalid]
+    (publish the original early, then sleep, or find the model invalid); anything else succeeds."""
     command = Path(model_path).read_bytes().decode(errors="replace").split()
     action = command[0] if command else ""
     report: dict[str, Any] = {"chosen": "fake", "options": options}
+    if action == "early" and early_dir is not None:
+        Path(early_dir).mkdir(parents=True)
+        (Path(early_dir) / "original.onnx").write_bytes(b"validated early")
+        emit({"original": "original.onnx", "metric": "top1", "accuracy": 0.875})
+        if command[1:] == ["invalid"]:
+            raise InvalidModel("the model is not valid after all")
+        if len(command) > 1:
+            Path(command[1]).write_text(str(os.getpid()))
+            time.sleep(600)
     if action == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
     elif action == "oom":
@@ -441,3 +456,74 @@ def test_run_forever_survives_store_errors_and_drains_the_queue(service: Service
     thread.join(WAIT_S)
     assert not thread.is_alive()
     assert claims >= 4  # two failures, then the two jobs
+
+
+# ---- version 1 served before the job ends -------------------------------------------------------
+
+
+def _wait_ready(service: Service, name: str, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while service.catalog.get_version(name, 1).state != "ready":
+        assert thread.is_alive(), "the worker ended before version 1 was ready"
+        assert time.monotonic() < deadline, "version 1 never became ready"
+        time.sleep(0.02)
+
+
+def test_the_validated_original_is_served_while_the_job_runs(service: Service) -> None:
+    pid_file = service.root / "pid"
+    job_id = service.upload("early", b"early " + str(pid_file).encode())
+    thread, result = _in_thread(service.worker())
+    _wait_for(pid_file, thread)
+    _wait_ready(service, "early", thread)
+    assert service.jobs.get(job_id).status == "running"
+    version = service.catalog.get_version("early", 1)
+    ref = version.files["model.onnx"]
+    assert (service.artifacts.root / ref.key).read_bytes() == b"validated early"
+    assert f"/jobs/{job_id}/early-1/" in ref.key
+    assert version.summary is not None
+    assert (version.summary["metric"], version.summary["accuracy"], version.summary["speedup"]) == ("top1", 0.875, 1.0)
+    assert service.catalog.get_model("early").default_version == 1
+    assert service.jobs.cancel(job_id).cancel_requested
+    thread.join(WAIT_S)
+    assert result == [True] and service.jobs.get(job_id).status == "cancelled"
+    after = service.catalog.get_version("early", 1)
+    assert (after.state, after.files["model.onnx"]) == ("ready", ref)  # cancelling the job keeps the original
+    assert (service.artifacts.root / ref.key).is_file()
+
+
+def test_an_early_original_is_kept_by_the_final_commit(service: Service) -> None:
+    job_id = service.upload("early", b"early")
+    assert service.worker().run_once()
+    assert service.jobs.get(job_id).status == "succeeded"
+    ref = service.catalog.get_version("early", 1).files["model.onnx"]
+    assert (service.artifacts.root / ref.key).read_bytes() == b"validated early"  # not uploaded a second time
+    uploaded = {path.name for path in service.attempt_keys(job_id)}
+    assert uploaded == {"model.onnx", "report.json", "report.html"}
+    assert service.catalog.get_model("early").default_version == 2
+
+
+def test_early_publishing_that_fails_is_left_to_the_final_commit(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = service.upload("early", b"early")
+    real_put = service.artifacts.put_file
+
+    def put_file(key: str, source: Path, **kwargs: Any) -> Any:
+        if "/early-" in key:
+            raise Unavailable("the artifact storage is not answering", retry_after=5)
+        return real_put(key, source, **kwargs)
+
+    monkeypatch.setattr(service.artifacts, "put_file", put_file)
+    assert service.worker().run_once()
+    assert service.jobs.get(job_id).status == "succeeded"
+    ref = service.catalog.get_version("early", 1).files["model.onnx"]
+    assert (service.artifacts.root / ref.key).read_bytes() == b"validated original"
+    assert not [path for path in service.attempt_keys(job_id) if "early-" in str(path)]
+
+
+def test_a_model_error_after_early_publishing_leaves_the_original_served(service: Service) -> None:
+    job_id = service.upload("early", b"early invalid")
+    assert service.worker().run_once()
+    job = service.jobs.get(job_id)
+    assert (job.status, job.error) == ("failed", "the model is not valid after all")
+    assert service.catalog.get_version("early", 1).state == "ready"  # it was validated and served: it stays

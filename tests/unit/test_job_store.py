@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import Engine, func, select, update
 
 from service.errors import NotFound, Unavailable
-from service.jobs.store import Claim, JobRecord, JobStore
+from service.jobs.records import Claim, JobRecord
+from service.jobs.store import JobStore
 from service.storage.catalog import Catalog, FileRef
 from service.storage.db import create_db_engine, jobs, migrate, read_connection, versions, write_transaction
 from tests.pg import PostgresServer, database_url, postgres_server, start_postgres  # noqa: F401  (fixtures)
@@ -249,6 +250,29 @@ def test_succeed_without_deploy_keeps_the_default_or_serves_the_original(env: En
         conn.execute(update(jobs).where(jobs.c.id == third.id).values(model_id=_model_id(env, "b")))
     assert _succeed(env, _claim(env)) == 3
     assert env.catalog.get_model("b").default_version == 1
+
+
+def test_publish_original_serves_version_1_only_while_the_claim_owns_the_job(env: Env) -> None:
+    env.upload("a")
+    claim = _claim(env)
+    early = {"model.onnx": FileRef("jobs/x/early-1/model.onnx", 7, "e" * 64)}
+    assert env.store.publish_original(claim, early, {"metric": "top1", "accuracy": 0.5})
+    assert env.store.publish_original(claim, early, {"metric": "top1", "accuracy": 0.5})  # idempotent
+    original = env.catalog.get_version("a", 1)
+    assert (original.state, original.files["model.onnx"]) == ("ready", early["model.onnx"])
+    assert original.summary is not None
+    assert (original.summary["metric"], original.summary["accuracy"]) == ("top1", 0.5)
+    assert env.catalog.get_model("a").default_version == 1
+    assert env.store.get(claim.job.id).status == "running"
+    with write_transaction(env.engine) as conn:  # another worker took the job over
+        conn.execute(update(jobs).where(jobs.c.id == claim.job.id).values(lease_owner="thief:2"))
+    env.upload("b")
+    lost = _claim(env)
+    with write_transaction(env.engine) as conn:
+        conn.execute(update(jobs).where(jobs.c.id == lost.job.id).values(lease_owner="thief:3"))
+    assert not env.store.publish_original(lost, early, {})
+    assert env.catalog.get_version("b", 1).state == "pending"
+    assert env.catalog.get_model("b").default_version is None
 
 
 def _model_id(env: Env, name: str) -> int:

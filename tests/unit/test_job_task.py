@@ -30,11 +30,19 @@ def sandboxed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model = builders.mlp_onnx(folder / "upload.onnx")
     data = builders.mlp_data(folder / "data.npz")
     out = folder / "work" / "out"
+    early = folder / "work" / "early"
     events: list[dict[str, Any]] = []
     summary = run_isolated(
-        run_optimization, str(model), str(data), str(out), OPTIONS, description="optimization", on_event=events.append
+        run_optimization,
+        str(model),
+        str(data),
+        str(out),
+        OPTIONS,
+        str(early),
+        description="optimization",
+        on_event=events.append,
     )
-    return {"model": model, "out": out, "events": events, "summary": summary}
+    return {"model": model, "out": out, "early": early, "events": events, "summary": summary}
 
 
 def test_outputs_and_the_validated_original_are_written(sandboxed_run: dict[str, Any]) -> None:
@@ -52,13 +60,27 @@ def test_outputs_and_the_validated_original_are_written(sandboxed_run: dict[str,
 
 
 def test_progress_events_arrive_in_order_and_end_done(sandboxed_run: dict[str, Any]) -> None:
-    events = sandboxed_run["events"]
+    events = [e for e in sandboxed_run["events"] if "stage" in e]
     assert events[0] == {"stage": "validate model", "progress": 0.0}
     assert events[-1] == {"stage": "done", "progress": 1.0}
     stages = [e["stage"] for e in events]
     assert "baseline" in stages and "candidate int8-dynamic" in stages
     fractions = [e["progress"] for e in events]
     assert fractions == sorted(fractions)
+
+
+def test_the_original_is_announced_once_measured_before_the_candidates(sandboxed_run: dict[str, Any]) -> None:
+    events = sandboxed_run["events"]
+    announced = [i for i, e in enumerate(events) if "original" in e]
+    assert len(announced) == 1
+    stages = [e.get("stage") for e in events]
+    assert stages.index("baseline") < announced[0] < stages.index("candidate int8-dynamic")
+    report = read_json(sandboxed_run["out"] / "report.json")
+    figures = {"original": "original.onnx", "metric": report.baseline.accuracy.metric}
+    assert events[announced[0]] == {**figures, "accuracy": report.baseline.accuracy.value}
+    early: Path = sandboxed_run["early"]
+    assert [p.name for p in early.iterdir()] == ["original.onnx"]  # no partial file left
+    assert (early / "original.onnx").read_bytes() == (sandboxed_run["out"] / "original.onnx").read_bytes()
 
 
 def test_summary_matches_the_report(sandboxed_run: dict[str, Any]) -> None:

@@ -24,7 +24,8 @@ from sqlalchemy import Engine, func, insert, select
 from optimizer.artifact import TensorSpec
 from optimizer.runtime import RuntimeOptions, create_session
 from service.errors import Conflict, NotFound, Unavailable
-from service.jobs.store import JobStore, files_json
+from service.jobs.records import files_json
+from service.jobs.store import JobStore
 from service.serving.batcher import BatchingConfig
 from service.serving.loading import LoadedVersion
 from service.serving.registry import ModelRegistry, VersionStatus
