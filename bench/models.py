@@ -158,3 +158,68 @@ def digits_cnn_onnx(out_dir: Path, *, epochs: int | None = None, seed: int = 0) 
 
     epochs = digits_cnn.DEFAULT_EPOCHS if epochs is None else epochs
     return digits_cnn.export(Path(out_dir), epochs=epochs, seed=seed)
+
+
+def mobilenet_digits(classes: int = 10) -> torch.nn.Module:
+    """A MobileNet-like CNN for 32x32 digits: a stride-2 stem, five depthwise-separable blocks
+    (32 -> 64 -> 128 -> 128 -> 256 -> 256 channels, BatchNorm + ReLU6), global pooling, a linear head.
+
+    MobileNet v1's widths on a small image: the 1x1 (pointwise) convolutions hold nearly all the
+    multiply-adds, which is what structured pruning removes.
+    """
+    from torch import nn
+
+    def separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU6(),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU6(),
+        ]
+
+    widths = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1)]
+    layers: list[nn.Module] = [nn.Conv2d(1, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU6()]
+    for cin, cout, stride in widths:
+        layers += separable(cin, cout, stride)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, classes)]
+    return nn.Sequential(*layers)
+
+
+def mobilenet_digits_onnx(out_dir: Path, *, epochs: int = 12, seed: int = 0) -> tuple[Path, Path]:
+    """Train :func:`mobilenet_digits` on half of the 32x32 digits; write ``mobilenet_digits.onnx`` and the
+    other half, labelled, as ``mobilenet_sample.npz`` (the sample a user would upload: enough to fine-tune on).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from examples import digits_cnn
+
+    x, y = digits_cnn.load_digits_32(seed)
+    cut = len(y) // 2
+    xt, yt = torch.from_numpy(x[:cut]), torch.from_numpy(y[:cut])
+    batch_size, lr = 32, 3e-3
+    with digits_cnn._training_threads():
+        torch.manual_seed(seed)
+        model = mobilenet_digits()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        steps = epochs * ((cut + batch_size - 1) // batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(cut, generator=generator)
+            for start in range(0, cut, batch_size):
+                idx = order[start : start + batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+                optimizer.step()
+                schedule.step()
+    out_dir = Path(out_dir)
+    model_path = digits_cnn.export_model(model.eval(), out_dir / "mobilenet_digits.onnx")
+    sample = out_dir / "mobilenet_sample.npz"
+    np.savez(sample, x=x[cut:], labels=y[cut:])
+    return model_path, sample

@@ -144,6 +144,7 @@ class _Run:
         # Outputs by step-chain key (shared prefixes run once) and by recipe name (the candidates).
         self.built: dict[str, ModelArtifact] = {}
         self.step_details: dict[str, dict[str, Any]] = {}  # what each built step reported
+        self.failed: dict[str, str] = {}  # step-chain key -> why it failed
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -235,6 +236,8 @@ class _Run:
             seed=self.config.seed,
             accuracy_drop=self.evaluator.accuracy_drop_fn(self.config.relative),
             budget=self.config.max_accuracy_drop,
+            original=original,
+            deadline=self.started + self.config.time_budget_s,
         )
         queue = list(plan)
         total = len(plan)
@@ -279,9 +282,16 @@ class _Run:
                     self.skipped.append(Skipped(name=recipe.name, reason=reason))
                     return None
                 key = _chain_key(recipe.steps[: index + 1])
+                if key in self.failed:  # a shared prefix that already failed: not tried twice
+                    self.skipped.append(Skipped(name=recipe.name, reason=self.failed[key]))
+                    return None
                 if key not in self.built:
                     context.details = {}
-                    self.built[key] = step.run(artifact, context)
+                    try:
+                        self.built[key] = step.run(artifact, context)
+                    except OptimizerError as exc:
+                        self.failed[key] = str(exc) if isinstance(exc, PassFailed) else f"{name}: {exc}"
+                        raise
                     self.step_details[key] = dict(context.details)
                 artifact = self.built[key]
                 applied.append({**registry.describe(step), "details": self.step_details[key]})

@@ -2,7 +2,8 @@
 
 A recipe is a named sequence of ``(pass name, config)`` steps. The default list covers graph
 optimization, dynamic int8 (per-tensor, per-channel, per-channel with reduced range), static int8
-QDQ with three calibration methods, and fp16 on CUDA. Quantized recipes that miss the accuracy
+QDQ with three calibration methods, fp16 on CUDA, and structured pruning at 30/50/70% with
+fine-tuning, with and without static int8 after it. Quantized recipes that miss the accuracy
 budget get an accuracy-aware fallback variant (:func:`fallback_for`).
 """
 
@@ -56,14 +57,43 @@ def default_recipes(device: str, vnni: bool = True) -> list[Recipe]:
     ]
     if device == "cuda":
         recipes.insert(1, Recipe("fp16", (("graph", {"level": "basic"}), ("fp16", {}))))
+    # Structured pruning, fine-tuned, then (the likely winner) static int8 on top. The pruned and
+    # the fine-tuned models are shared steps: each is built once for its two candidates.
+    for percent in PRUNE_PERCENTS:
+        tuned: tuple[Step, ...] = (("prune", {"ratio": percent / 100}), _FINETUNE)
+        recipes.append(Recipe(f"prune-{percent}+ft", tuned))
+        int8: Step = ("int8_static", {"calibration": "minmax", **static})
+        recipes.append(Recipe(f"prune-{percent}+ft+int8", (*tuned, int8), quantized=True))
     return recipes
+
+
+#: Structured pruning ratios (percent of each prunable layer's channels) in the default recipes.
+PRUNE_PERCENTS = (30, 50, 70)
+#: Fine-tuning after pruning: a pruned network recovers slowly at first, so early stopping waits
+#: 8 epochs without improvement (the fine-tuning default, Keras's, is 3).
+_FINETUNE: Step = ("finetune", {"patience": 8})
+
+
+def optional_recipes() -> list[Recipe]:
+    """Recipes tried only when named: pruning without fine-tuning (what fine-tuning wins back) and
+    unstructured pruning (smaller when compressed, not faster)."""
+    bare = [Recipe(f"prune-{percent}", (("prune", {"ratio": percent / 100}),)) for percent in PRUNE_PERCENTS]
+    unstructured = [
+        Recipe(
+            f"prune-unstructured-{percent}+ft",
+            (("prune", {"ratio": percent / 100, "method": "unstructured"}), _FINETUNE),
+        )
+        for percent in (50, 80)
+    ]
+    return bare + unstructured
 
 
 def select_recipes(device: str, names: tuple[str, ...] | None, vnni: bool = True) -> list[Recipe]:
     """The default recipes, or the named subset in the given order; unknown names are refused."""
-    available = {recipe.name: recipe for recipe in default_recipes(device, vnni)}
+    defaults = default_recipes(device, vnni)
     if names is None:
-        return list(available.values())
+        return defaults
+    available = {recipe.name: recipe for recipe in [*defaults, *optional_recipes()]}
     unknown = [name for name in names if name not in available and name != "fp16"]
     if unknown:
         raise InvalidConfig(f"unknown technique {unknown[0]!r}; known: {', '.join(available)}")

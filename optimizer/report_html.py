@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.report import AccuracyResult, Budget, Candidate, Measurement, Report, atomic_write_text
+from optimizer.report_training import render_training
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def render_html(report: Report) -> str:
         _pass_configs(report.candidates),
         "<h2>Accuracy against throughput</h2>",
         f'<div class="plot">{_plot_or_note(report)}</div>',
+        render_training(report),
         "<h2>Latency by batch size</h2>",
         _latency_table(report),
         "<h2>Skipped</h2>",

@@ -131,3 +131,39 @@ def trained_digits_cnn(model_path: Path, data_path: Path, epochs: int = 4, seed:
     export_image_classifier(model, train_x[:2], model_path)
     np.savez(data_path, x=test_x, labels=test_y)
     return model_path, data_path
+
+
+def mobilenet_like_onnx(path: Path, seed: int = 0) -> Path:
+    """Stem conv+BN+ReLU6, two depthwise-separable blocks, GAP, Linear; input ``image``, output ``scores``."""
+    import torch
+    from torch import nn
+
+    def separable(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU6(),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU6(),
+        )  # fmt: skip
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 3, 2, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
+        separable(24, 32, 1), separable(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # non-trivial BN statistics, so the fused graph really differs from the raw convs
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                assert layer.running_mean is not None and layer.running_var is not None
+                layer.running_mean.uniform_(-0.2, 0.2)
+                layer.running_var.uniform_(0.5, 1.5)
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.2, 0.2)
+    torch.onnx.export(
+        model, (torch.randn(2, 3, 16, 16),), str(path), input_names=["image"], output_names=["scores"],
+        dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}}, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    return path
+
+
+def random_images(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, 3, 16, 16)).astype(np.float32)

@@ -35,6 +35,8 @@ class PassContext:
     measuring). ``accuracy_drop`` measures a candidate against the baseline on the validation
     split in the metric's units, positive meaning worse; ``budget`` is the allowed drop. A pass
     puts what the report should show about its run (excluded nodes, trials) in ``details``.
+    ``original`` is the validated original (a training pass's teacher); ``deadline`` is the
+    ``time.monotonic()`` by which the job's time budget runs out.
     """
 
     work_dir: Path
@@ -45,6 +47,8 @@ class PassContext:
     accuracy_drop: Callable[[ModelArtifact], float] | None = None
     budget: float | None = None
     log: Callable[[str], None] = lambda _message: None
+    original: ModelArtifact | None = None
+    deadline: float | None = None
     details: dict[str, Any] = field(default_factory=dict)  # what a pass wants in the report
 
     def output_path(self, stem: str) -> Path:

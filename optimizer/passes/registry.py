@@ -22,6 +22,7 @@ _PASS_MODULES = (
     "optimizer.passes.quantize",
     "optimizer.passes.fp16",
     "optimizer.passes.fallback",
+    "optimizer.passes.prune",
 )
 
 
