@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
 	$(PIP) install --quiet --disable-pip-version-check -e '.[torch,dev]'
+	$(PIP) install --quiet --disable-pip-version-check --no-deps onnx2torch==1.5.15  # see pyproject.toml
 	touch $(STAMP)
 
 # The service on its embedded defaults: SQLite and artifacts under ./var, one in-process worker,

@@ -7,10 +7,10 @@ sample data. What is our own, and why:
 
 * **torchvision shim.** onnx2torch imports torchvision at import time, only for its NMS and RoiAlign
   converters. A torchvision wheel built for another torch (e.g. a CUDA build next to CPU torch)
-  fails to import ("operator torchvision::nms does not exist"). :func:`install_torchvision_shim`
-  then removes the half-imported ``torchvision*`` modules and installs a placeholder whose
-  ``torchvision.ops`` functions raise, so every other converter works; models using NMS/RoiAlign
-  fail at conversion time with a clear error instead of the whole bridge being unusable.
+  fails to import ("operator torchvision::nms does not exist"). :func:`import_onnx2torch`
+  then removes the half-imported ``torchvision*`` modules and imports onnx2torch against a
+  placeholder whose ``torchvision.ops`` functions raise (removed again afterwards), so every other
+  converter works; models using NMS/RoiAlign fail at conversion time with a clear error.
 * **ORT basic optimization first.** The torch exporter emits Identity nodes for de-duplicated
   initializers, which onnx2torch cannot read. ONNX Runtime's BASIC level (constant folding,
   Identity/Dropout elimination, Conv+BN fusion; standard ops only) is run offline and its output
@@ -41,29 +41,39 @@ if TYPE_CHECKING:
 _MIN_OPSET, _MAX_OPSET = 13, 20  # the TorchScript exporter's well-supported range
 _VERIFY_ROWS = 16  # rows of the sample compared between torch and ONNX Runtime
 _EXPORT_ROWS = 2  # rows traced by the exporter (batch 2: the batch axis is not specialised to 1)
-_shim_state: bool | None = None  # None: not checked yet; True: real torchvision; False: shim installed
 
 
-def install_torchvision_shim() -> bool:
-    """Make ``import torchvision`` safe for onnx2torch; True when the real torchvision works.
+def import_onnx2torch() -> types.ModuleType:
+    """onnx2torch, imported so that a torchvision which does not load cannot break it.
 
-    Tried once per process. When the real package fails to import for any reason, its partially
-    imported modules are dropped and a placeholder ``torchvision`` / ``torchvision.ops`` is
-    installed whose ``nms``, ``box_convert`` and ``roi_align`` raise RuntimeError.
+    When the real torchvision fails to import (for any reason), its partially imported modules are
+    dropped and a placeholder ``torchvision`` / ``torchvision.ops`` (``nms``, ``box_convert`` and
+    ``roi_align`` raise RuntimeError) stands in while onnx2torch is imported, then is removed
+    again: the placeholder must not linger where other libraries (transformers probes
+    ``importlib.util.find_spec("torchvision")``) would find it.
     """
-    global _shim_state
-    if _shim_state is not None:
-        return _shim_state
+    loaded = sys.modules.get("onnx2torch")
+    if loaded is not None:
+        return loaded
     try:
         import torchvision  # noqa: F401
-
-        _shim_state = True
     except Exception:
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        sys.modules.update(_placeholder_torchvision())
-        _shim_state = False
-    return _shim_state
+        _drop_torchvision()
+    else:
+        import onnx2torch
+
+        return onnx2torch
+    sys.modules.update(_placeholder_torchvision())
+    try:
+        import onnx2torch
+    finally:
+        _drop_torchvision()
+    return onnx2torch
+
+
+def _drop_torchvision() -> None:
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def _placeholder_torchvision() -> dict[str, types.ModuleType]:
@@ -96,8 +106,7 @@ def onnx_to_torch(
     import onnx
     import onnxruntime as ort
 
-    install_torchvision_shim()
-    import onnx2torch
+    onnx2torch = import_onnx2torch()
 
     model_path = Path(model_path)
     with tempfile.TemporaryDirectory(prefix="slimserve-bridge-") as scratch:

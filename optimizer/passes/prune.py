@@ -39,7 +39,10 @@ _TRACE_SAMPLES = 8
 def _torch_missing() -> str | None:
     needed = ("torch", "torch_pruning", "onnx2torch")
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
-    return f"needs {', '.join(missing)} (pip install 'slimserve[torch]')" if missing else None
+    if not missing:
+        return None
+    how = "pip install 'slimserve[torch]' && pip install --no-deps onnx2torch==1.5.15"
+    return f"needs {', '.join(missing)} ({how})"
 
 
 def _names(model: ModelArtifact) -> tuple[list[str], list[str]]:

@@ -134,9 +134,9 @@ def _worker(
     out = Path(folder)
     try:
         if shim:
-            from optimizer.torchbridge import install_torchvision_shim
+            from optimizer.torchbridge import import_onnx2torch
 
-            install_torchvision_shim()
+            import_onnx2torch()
         if cuda:
             torch.cuda.set_device(rank)
             device = f"cuda:{rank}"
