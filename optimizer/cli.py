@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=32, help="serving batch size for throughput")
     opt.add_argument("--techniques", help="comma-separated recipe names (default: all)")
     opt.add_argument("--no-fallback", action="store_true", help="skip the accuracy-aware quantization fallback")
+    opt.add_argument(
+        "--finetune-search",
+        choices=["none", "grid", "random"],
+        default="none",
+        help="learning-rate / batch-size search when fine-tuning after pruning (each trial early-stopped)",
+    )
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
     opt.add_argument("--latency-seconds", type=float, default=2.0, help="timing per batch size per model")
@@ -89,6 +95,7 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
         time_budget_s=args.time_budget,
         serving_batch_size=args.batch_size,
         techniques=techniques,
+        finetune_search=args.finetune_search,
         fallback=not args.no_fallback,
         seed=args.seed,
         intra_op_threads=args.threads,

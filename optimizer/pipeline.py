@@ -55,6 +55,7 @@ class OptimizeConfig(BaseModel):
     time_budget_s: float = Field(default=900.0, gt=0)
     serving_batch_size: int = Field(default=32, ge=1, le=4096)
     techniques: tuple[str, ...] | None = None  # recipe names; None = every default recipe
+    finetune_search: Literal["none", "grid", "random"] = "none"  # lr / batch-size search in fine-tuning steps
     fallback: bool = True
     fallback_max_trials: int = Field(default=6, ge=1, le=50)
     seed: int = 0
@@ -225,7 +226,9 @@ class _Run:
         return report, (self.built[chosen.name].path if chosen else original.path)
 
     def _candidates(self, original: ModelArtifact, calibration: sample_data.SampleData) -> list[Candidate]:
-        plan = recipes.select_recipes(self.device, self.config.techniques, vnni=cpu_has_vnni())
+        plan = recipes.select_recipes(
+            self.device, self.config.techniques, vnni=cpu_has_vnni(), finetune_search=self.config.finetune_search
+        )
         measured: list[Candidate] = []
         retry: list[recipes.Recipe] = []
         context = PassContext(

@@ -35,7 +35,7 @@ class Recipe:
         return [name for name, _ in self.steps]
 
 
-def default_recipes(device: str, vnni: bool = True) -> list[Recipe]:
+def default_recipes(device: str, vnni: bool = True, finetune_search: str = "none") -> list[Recipe]:
     """Every recipe in the order the pipeline tries them (cheap and likely winners first).
 
     ``vnni=False`` (an x86 CPU without 8-bit dot-product instructions) gives static quantization
@@ -60,7 +60,7 @@ def default_recipes(device: str, vnni: bool = True) -> list[Recipe]:
     # Structured pruning, fine-tuned, then (the likely winner) static int8 on top. The pruned and
     # the fine-tuned models are shared steps: each is built once for its two candidates.
     for percent in PRUNE_PERCENTS:
-        tuned: tuple[Step, ...] = (("prune", {"ratio": percent / 100}), _FINETUNE)
+        tuned: tuple[Step, ...] = (("prune", {"ratio": percent / 100}), _finetune(finetune_search))
         recipes.append(Recipe(f"prune-{percent}+ft", tuned))
         int8: Step = ("int8_static", {"calibration": "minmax", **static})
         recipes.append(Recipe(f"prune-{percent}+ft+int8", (*tuned, int8), quantized=True))
@@ -69,31 +69,40 @@ def default_recipes(device: str, vnni: bool = True) -> list[Recipe]:
 
 #: Structured pruning ratios (percent of each prunable layer's channels) in the default recipes.
 PRUNE_PERCENTS = (30, 50, 70)
-#: Fine-tuning after pruning: a pruned network recovers slowly at first, so early stopping waits
-#: 8 epochs without improvement (the fine-tuning default, Keras's, is 3).
-_FINETUNE: Step = ("finetune", {"patience": 8})
 
 
-def optional_recipes() -> list[Recipe]:
+def _finetune(search: str) -> Step:
+    """Fine-tuning after pruning: a pruned network recovers slowly at first, so early stopping waits
+    8 epochs without improvement (the fine-tuning default, Keras's, is 3); ``search`` (none, grid,
+    random) tries learning rates and batch sizes."""
+    config: dict[str, Any] = {"patience": 8}
+    if search != "none":
+        config["search"] = search
+    return ("finetune", config)
+
+
+def optional_recipes(finetune_search: str = "none") -> list[Recipe]:
     """Recipes tried only when named: pruning without fine-tuning (what fine-tuning wins back) and
     unstructured pruning (smaller when compressed, not faster)."""
     bare = [Recipe(f"prune-{percent}", (("prune", {"ratio": percent / 100}),)) for percent in PRUNE_PERCENTS]
     unstructured = [
         Recipe(
             f"prune-unstructured-{percent}+ft",
-            (("prune", {"ratio": percent / 100, "method": "unstructured"}), _FINETUNE),
+            (("prune", {"ratio": percent / 100, "method": "unstructured"}), _finetune(finetune_search)),
         )
         for percent in (50, 80)
     ]
     return bare + unstructured
 
 
-def select_recipes(device: str, names: tuple[str, ...] | None, vnni: bool = True) -> list[Recipe]:
+def select_recipes(
+    device: str, names: tuple[str, ...] | None, vnni: bool = True, finetune_search: str = "none"
+) -> list[Recipe]:
     """The default recipes, or the named subset in the given order; unknown names are refused."""
-    defaults = default_recipes(device, vnni)
+    defaults = default_recipes(device, vnni, finetune_search)
     if names is None:
         return defaults
-    available = {recipe.name: recipe for recipe in [*defaults, *optional_recipes()]}
+    available = {recipe.name: recipe for recipe in [*defaults, *optional_recipes(finetune_search)]}
     unknown = [name for name in names if name not in available and name != "fp16"]
     if unknown:
         raise InvalidConfig(f"unknown technique {unknown[0]!r}; known: {', '.join(available)}")

@@ -49,6 +49,7 @@ class JobConfig(BaseModel):
     time_budget_s: float = Field(900.0, gt=0, le=24 * 3600)
     serving_batch_size: int = Field(32, ge=1, le=4096)
     techniques: tuple[str, ...] | None = None
+    finetune_search: Literal["none", "grid", "random"] = "none"
     fallback: bool = True
     fallback_max_trials: int = Field(6, ge=1, le=50)
     seed: int = 0

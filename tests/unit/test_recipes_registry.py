@@ -52,3 +52,19 @@ def test_static_quantization_uses_7_bit_weights_on_cpus_without_vnni() -> None:
 
     assert all(c.get("reduce_range") is True for c in static_configs(vnni=False))
     assert not any(c.get("reduce_range") for c in static_configs(vnni=True))
+
+
+def test_pruning_recipes_share_steps_and_carry_the_search_setting() -> None:
+    plain = {r.name: r for r in recipes.default_recipes("cpu")}
+    for percent in recipes.PRUNE_PERCENTS:
+        tuned, int8 = plain[f"prune-{percent}+ft"], plain[f"prune-{percent}+ft+int8"]
+        assert int8.steps[: len(tuned.steps)] == tuned.steps  # built once, used by both candidates
+        assert tuned.steps[-1] == ("finetune", {"patience": 8})
+        assert int8.quantized and not tuned.quantized
+    searched = recipes.select_recipes("cpu", ("prune-50+ft", "prune-unstructured-50+ft"), finetune_search="grid")
+    assert [step[1].get("search") for recipe in searched for step in recipe.steps if step[0] == "finetune"] == [
+        "grid",
+        "grid",
+    ]
+    assert "prune-50" not in plain  # bare pruning is tried only when named
+    assert [r.name for r in recipes.select_recipes("cpu", ("prune-50",))] == ["prune-50"]
