@@ -73,14 +73,29 @@ def _to_torch(model: ModelArtifact, sample: dict[str, np.ndarray]) -> Any:
         raise
 
 
-def _export(module: Any, model: ModelArtifact, context: PassContext, sample: dict[str, np.ndarray], stem: str) -> Any:
+def _load(model: ModelArtifact, context: PassContext) -> tuple[Any, dict[str, np.ndarray], list[str]]:
+    """The model as a torch module, the sample that traces and checks it, and the input names."""
+    inputs, _ = _names(model)
+    sample = _trace_sample(context, inputs)
+    return _to_torch(model, sample), sample, inputs
+
+
+def _publish(
+    module: Any,
+    model: ModelArtifact,
+    context: PassContext,
+    sample: dict[str, np.ndarray],
+    stem: str,
+    details: dict[str, Any],
+) -> ModelArtifact:
+    """Export ``module`` with ``model``'s names, check it in ONNX Runtime, record ``details``."""
     from optimizer.torchbridge import export_onnx, verify_onnx
 
     inputs, outputs = _names(model)
     path = context.output_path(stem)
     export_onnx(module, sample, path, input_names=inputs, output_names=outputs, opset=model.opset)
-    difference = verify_onnx(module, path, sample)
-    return path, difference
+    context.details.update({**details, "export_max_abs_diff": verify_onnx(module, path, sample)})
+    return ModelArtifact.from_onnx_file(path, source_format=model.source_format)
 
 
 class PruneConfig(PassConfig):
@@ -108,9 +123,7 @@ class Prune(Pass[PruneConfig]):
         """Convert, prune, export, verify; the channel and parameter counts go into the details."""
         from optimizer import pruning
 
-        inputs, _ = _names(model)
-        sample = _trace_sample(context, inputs)
-        module = _to_torch(model, sample)
+        module, sample, inputs = _load(model, context)
         if self.config.method == "unstructured":
             info = pruning.prune_unstructured(module, amount=self.config.ratio)
         else:
@@ -124,9 +137,8 @@ class Prune(Pass[PruneConfig]):
                 loss_fn=loss_fn,
                 input_names=inputs,
             )
-        path, difference = _export(module, model, context, sample, f"prune-{round(self.config.ratio * 100)}")
-        context.details.update({"pruning": info.model_dump(mode="json"), "export_max_abs_diff": difference})
-        return ModelArtifact.from_onnx_file(path, source_format=model.source_format)
+        stem = f"prune-{round(self.config.ratio * 100)}"
+        return _publish(module, model, context, sample, stem, {"pruning": info.model_dump(mode="json")})
 
 
 def _taylor_loss(module: Any, data: SampleData, inputs: list[str]) -> Any:
@@ -172,9 +184,7 @@ class Finetune(Pass[FinetunePassConfig]):
         """Convert, train, export, verify; the training report goes into the details."""
         from optimizer.training import fine_tune
 
-        inputs, _ = _names(model)
-        sample = _trace_sample(context, inputs)
-        module = _to_torch(model, sample)
+        module, sample, inputs = _load(model, context)
         teacher = None
         if self.config.distill or context.calibration.labels is None:
             teacher = _teacher(context.original or model, context)
@@ -189,9 +199,7 @@ class Finetune(Pass[FinetunePassConfig]):
             deadline=context.deadline,
             seed=context.seed,
         )
-        path, difference = _export(module, model, context, sample, "finetune")
-        context.details.update({"training": report.model_dump(mode="json"), "export_max_abs_diff": difference})
-        return ModelArtifact.from_onnx_file(path, source_format=model.source_format)
+        return _publish(module, model, context, sample, "finetune", {"training": report.model_dump(mode="json")})
 
 
 def _teacher(original: ModelArtifact, context: PassContext) -> Any:

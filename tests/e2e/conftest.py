@@ -85,6 +85,21 @@ def upload(
     return httpx.post(f"{url}/v1/models", files=files, data=form, headers=headers, timeout=timeout)
 
 
+def upload_and_wait(url: str, models: list[tuple[str, Path]], data: Path) -> list[dict[str, Any]]:
+    """Upload each ``(name, model)`` with ``data``, then wait until every job succeeded; the jobs."""
+    from tests.serverproc import wait_job
+
+    ids = []
+    for name, model in models:
+        response = upload(url, model, data, job_config(name))
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["job"]["id"])
+    finished = [wait_job(url, job_id) for job_id in ids]
+    for job in finished:
+        assert job["status"] == "succeeded", job
+    return finished
+
+
 def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str) -> bytes:
     """A ``multipart/form-data`` body built by hand: (field name, file name or None, bytes) per part."""
     out = bytearray()

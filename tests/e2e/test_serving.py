@@ -31,7 +31,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import MlpFiles, assert_error, job_config, metric, serving, upload
+from tests.e2e.conftest import MlpFiles, assert_error, job_config, metric, serving, upload, upload_and_wait
 from tests.serverproc import Proc, free_port, wait_for, wait_job
 
 MODEL = "m"
@@ -70,15 +70,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, mlp_files: MlpFiles) -> Ite
     quantized = folder / "q.onnx"
     quantize_dynamic(mlp_files.model, quantized, weight_type=QuantType.QInt8)
     with serving(folder / "home", **SERVER) as proc:
-        jobs = []
-        for name, model in ((MODEL, mlp_files.model), (QMODEL, quantized)):
-            response = upload(proc.url, model, mlp_files.data, job_config(name))
-            assert response.status_code == 202, response.text
-            jobs.append(response.json()["job"]["id"])
-        for job_id in jobs:
-            job = wait_job(proc.url, job_id)
-            assert job["status"] == "succeeded", job
-            assert job["version"] == 2
+        jobs = upload_and_wait(proc.url, [(MODEL, mlp_files.model), (QMODEL, quantized)], mlp_files.data)
+        assert [job["version"] for job in jobs] == [2, 2]
         state = Served(proc, folder / "home")
         paths = [f"/v2/models/{name}/versions/{v}/ready" for name in (MODEL, QMODEL) for v in (1, 2)]
         wait_for(lambda: all(ready(proc.url, path) for path in paths), timeout=60)

@@ -33,8 +33,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.e2e.conftest import MlpFiles, assert_error, job_config, metric, serving, settings_env, upload, version_rows
-from tests.serverproc import Proc, start_server, wait_for, wait_job
+from tests.e2e.conftest import MlpFiles, assert_error, metric, serving, settings_env, upload_and_wait, version_rows
+from tests.serverproc import Proc, start_server, wait_for
 
 FEATURES = 16
 CLASSES = 4
@@ -117,14 +117,7 @@ def seed(tmp_path_factory: pytest.TempPathFactory, mlp_files: MlpFiles) -> Seed:
     slow = slow_onnx(folder / "slow.onnx")
     home = folder / "seed"
     with serving(home, drain_seconds="0", poll_seconds="0.2") as proc:
-        jobs = []
-        for name, model in (("m", mlp_files.model), ("slow", slow)):
-            response = upload(proc.url, model, mlp_files.data, job_config(name))
-            assert response.status_code == 202, response.text
-            jobs.append(response.json()["job"]["id"])
-        for job_id in jobs:
-            job = wait_job(proc.url, job_id)
-            assert job["status"] == "succeeded", job
+        upload_and_wait(proc.url, [("m", mlp_files.model), ("slow", slow)], mlp_files.data)
     sessions = {
         (name, version): ort.InferenceSession(
             str(model_file(home, name, version)[0]), providers=["CPUExecutionProvider"]
