@@ -145,9 +145,16 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
     services = build_services(settings)
     dataplane = build_serving(services) if settings.serve_models else None
 
+    stop = threading.Event()  # the in-process worker's: set when draining starts, and at shutdown
+
+    async def drain() -> None:
+        """SIGTERM's first step: the worker hands its job back at once; serving stops being ready."""
+        stop.set()
+        if dataplane is not None:
+            await dataplane.start_draining()
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        stop = threading.Event()
         thread: threading.Thread | None = None
         if settings.run_worker:
             worker = services.worker()
@@ -176,7 +183,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
                 metrics_server.shutdown()
             services.close()
 
-    return build_api(
+    app = build_api(
         plane=services.plane,
         settings=settings,
         registry=services.registry,
@@ -184,3 +191,5 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
         dataplane=dataplane,
         fast_path=fast_path,
     )
+    app.state.on_drain = drain
+    return app

@@ -80,8 +80,7 @@ def serve(settings: Settings) -> int:
     # full passes (they paused the server for 100-200 ms under load in the serving benchmark).
     gc.collect()
     gc.freeze()
-    dataplane = getattr(app.state, "dataplane", None)
-    on_drain = dataplane.start_draining if dataplane is not None else None
+    on_drain = app.state.on_drain
     DrainingServer(config, on_drain=on_drain, drain_seconds=settings.drain_seconds).run()
     return 0
 
