@@ -8,6 +8,7 @@ Nothing is built at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from sqlalchemy import Engine
 
 from optimizer.runtime import RuntimeOptions
 from service.control import ControlPlane
+from service.errors import Unavailable
 from service.jobs.store import JobStore
 from service.jobs.worker import Worker
 from service.metrics import JobMetrics, NvmlCollector, ServingMetrics, VersionObserver, build_registry
@@ -70,12 +72,17 @@ class Services:
         self.engine.dispose()
 
 
-def build_services(settings: Settings, *, queue_gauges: bool = True) -> Services:
-    """Open the database (migrating it to the current schema) and the artifact store."""
+def build_services(settings: Settings, *, queue_gauges: bool = True, migrate_now: bool = True) -> Services:
+    """Open the database and the artifact store; ``migrate_now`` brings the schema up to date first.
+
+    ``create_app`` passes ``migrate_now=False`` and migrates in the background (see ``wait_for_schema``),
+    so a server whose database is unreachable at start stays live (and not ready) instead of crashing.
+    """
     if settings.database_url is None or settings.storage_url is None:
         settings.home.mkdir(parents=True, exist_ok=True)
     engine = create_db_engine(settings.database, busy_timeout_s=settings.database_busy_timeout_seconds)
-    migrate(engine)
+    if migrate_now:
+        migrate(engine)
     artifacts = open_store(
         settings.storage, s3_endpoint_url=settings.s3_endpoint_url, staging_dir=settings.home / "staging"
     )
@@ -134,6 +141,25 @@ def build_serving(services: Services) -> DataPlane:
     return dataplane
 
 
+async def wait_for_schema(engine: Engine, stop: asyncio.Event, interval_s: float) -> bool:
+    """Migrate the schema every ``interval_s`` until the database answers (the first try waits one interval).
+
+    True once the schema is current; False when ``stop`` was set first. Other failures (a broken
+    migration) propagate: retrying them would only hide the fault.
+    """
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if stop.is_set():
+            return False
+        try:
+            await anyio.to_thread.run_sync(migrate, engine)
+        except Unavailable:
+            continue
+        _log.info("database reachable: schema is current")
+        return True
+
+
 def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> FastAPI:
     """The ASGI application: the /v1 API, KServe v2 serving and (unless turned off) one in-process worker.
 
@@ -142,7 +168,13 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
     from service.http.api import build_api
 
     settings = settings or Settings()
-    services = build_services(settings)
+    services = build_services(settings, migrate_now=False)
+    try:  # at once when the database answers, so the API never sees a missing table
+        migrate(services.engine)
+        schema_current = True
+    except Unavailable as exc:
+        _log.warning("database unreachable at start (%s): live but not ready until it answers", exc)
+        schema_current = False
     dataplane = build_serving(services) if settings.serve_models else None
 
     stop = threading.Event()  # the in-process worker's: set when draining starts, and at shutdown
@@ -155,16 +187,28 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        thread: threading.Thread | None = None
-        if settings.run_worker:
-            worker = services.worker()
-            thread = threading.Thread(target=worker.run_forever, args=(stop,), name="slimserve-worker", daemon=True)
-            thread.start()
-            _log.info("in-process worker started")
+        threads: list[threading.Thread] = []
         follow = asyncio.Event()
-        sync_task = None
-        if dataplane is not None:
-            sync_task = asyncio.create_task(dataplane.registry.run_forever(follow, settings.registry_poll_seconds))
+        sync_tasks: list[asyncio.Task[None]] = []
+
+        async def start() -> None:
+            """Once the database answers: the in-process worker and the registry's sync loop."""
+            if not schema_current and not await wait_for_schema(
+                services.engine, follow, settings.registry_poll_seconds
+            ):
+                return
+            if settings.run_worker and not stop.is_set():
+                worker = services.worker()
+                thread = threading.Thread(target=worker.run_forever, args=(stop,), name="slimserve-worker", daemon=True)
+                thread.start()
+                threads.append(thread)
+                _log.info("in-process worker started")
+            if dataplane is not None:
+                sync_tasks.append(
+                    asyncio.create_task(dataplane.registry.run_forever(follow, settings.registry_poll_seconds))
+                )
+
+        starter = asyncio.create_task(start())
         metrics_server = None
         if settings.metrics_port is not None:
             metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=services.registry)
@@ -172,12 +216,13 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
             yield
         finally:
             follow.set()
-            if sync_task is not None:
-                await sync_task
+            await starter
+            for task in sync_tasks:
+                await task
             if dataplane is not None:
                 await dataplane.registry.close()
             stop.set()
-            if thread is not None:
+            for thread in threads:
                 await anyio.to_thread.run_sync(thread.join, _WORKER_STOP_SECONDS)
             if metrics_server is not None:
                 metrics_server.shutdown()
