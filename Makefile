@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run example test lint unit system-deps bench gpu-check clean
+.PHONY: run example test lint unit system-deps bench gpu-check clean container-test
 
 # torch is pinned to 2.13.0 (the CPU wheel); installing it first keeps any later resolution from
 # pulling a multi-GB CUDA build.
@@ -25,12 +25,17 @@ run: $(STAMP)
 example: $(STAMP)
 	$(PY) examples/digits_cnn.py var/example
 
-# Debian's PostgreSQL server for the Postgres and scale-out tests (they skip, saying why, without it).
+# Debian's PostgreSQL server for the Postgres and scale-out tests, and Debian's Prometheus for the
+# dashboard tests (they skip, saying why, without them).
 system-deps:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; } || \
 	  echo "note: could not install PostgreSQL; the Postgres tests will be skipped"
+	@[ -x /usr/bin/prometheus ] || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  echo "note: could not install Prometheus; the dashboard and promtool tests will be skipped"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -40,7 +45,7 @@ lint: $(STAMP)
 unit: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-test: lint unit
+test: lint unit container-test
 
 bench: $(STAMP)
 	$(PIP) install --quiet --disable-pip-version-check -e '.[torch,dev,bench]'
@@ -50,6 +55,17 @@ bench: $(STAMP)
 
 gpu-check: $(STAMP)
 	bash scripts/gpu-check
+
+# Builds the CPU image from the Dockerfile with buildah and runs it: health, an upload, a job and an
+# inference (scripts/container-smoke; about 6-10 min, 3 more the first time for the cached Debian base).
+# buildah, podman and debootstrap come from apt-get when missing; if they cannot, this fails, it never skips.
+container-test:
+	@{ command -v buildah && command -v podman && command -v debootstrap; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends \
+	      buildah podman debootstrap >/dev/null; } || \
+	  { echo "container-test: cannot install buildah, podman and debootstrap (needs root and apt-get)" >&2; exit 1; }
+	scripts/container-smoke
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

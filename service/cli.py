@@ -94,8 +94,10 @@ def run_worker(settings: Settings, metrics_port: int | None, metrics_host: str) 
     from prometheus_client import start_http_server
 
     from service.app import build_services
+    from service.metrics import NvmlCollector
 
     services = build_services(settings, queue_gauges=False)
+    NvmlCollector.register_if_available(services.registry)  # a GPU worker's memory and utilization
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host, registry=services.registry)
     stop = threading.Event()

@@ -152,6 +152,12 @@ class ServingMetrics:
         self.queue_depth = Gauge(
             "slimserve_inference_queue_depth", "Requests waiting in the batcher.", labels, registry=registry
         )
+        self.in_flight = Gauge(
+            "slimserve_inference_requests_in_flight",
+            "Inference requests in the data plane now: from finding their version to their answer.",
+            labels,
+            registry=registry,
+        )
         self.accuracy = Gauge(
             "slimserve_model_accuracy",
             "Accuracy measured at optimization time (the report's metric).",
@@ -181,7 +187,10 @@ class ServingMetrics:
             self.requests.labels(*key, code)
         for outcome in ("correct", "incorrect"):
             self.feedback.labels(*key, outcome)
+        # at 0 before the first request, so Prometheus sees that request's increase (rate() needs two samples)
+        self.request_duration.labels(*key)
         self.queue_depth.labels(*key).set(0)
+        self.in_flight.labels(*key)  # at 0, or kept as it is: requests may be in flight while a version reloads
         summary = summary or {}
         accuracy = summary.get("accuracy")
         if isinstance(accuracy, int | float):
@@ -194,7 +203,7 @@ class ServingMetrics:
         key = (model, str(version))
         self._known.discard(key)
         for metric in (self.request_duration, self.queue_duration, self.compute_duration, self.batch_size,
-                       self.queue_depth, self.accuracy, self.speedup):  # fmt: skip
+                       self.queue_depth, self.in_flight, self.accuracy, self.speedup):  # fmt: skip
             with contextlib.suppress(KeyError):
                 metric.remove(*key)
         for code in self._codes:
@@ -207,6 +216,20 @@ class ServingMetrics:
     def known(self, model: str, version: int) -> bool:
         """Whether series exist for this version (only registered versions are ever labelled)."""
         return (model, str(version)) in self._known
+
+    def entered(self, model: str, version: int) -> Gauge | None:
+        """A request of a registered version entered the data plane: its in-flight series, raised by one.
+
+        The caller lowers the returned series itself when the request is answered. If the version is
+        unregistered meanwhile, that series is detached from the metric, so the decrement neither
+        exports anything nor recreates a removed series.
+        """
+        key = (model, str(version))
+        if key not in self._known:
+            return None
+        series = self.in_flight.labels(*key)
+        series.inc()
+        return series
 
     def request(self, model: str, version: int, code: int, seconds: float) -> None:
         """One answered request of a registered version."""

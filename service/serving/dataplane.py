@@ -102,11 +102,13 @@ class DataPlane:
         """Run one request through its version's batcher; ServiceError with one line on refusal."""
         started = time.perf_counter()
         served: LoadedVersion | None = None
+        in_flight = None
         code = 500
         try:
             if self.draining:
                 raise Unavailable("the server is shutting down", retry_after=1)
             served = self.registry.get(model, version)
+            in_flight = self.metrics.entered(served.model, served.version)
             feed = _feed(served, request)
             wanted = _wanted_outputs(served, request)
             timeout = request.parameters.get("timeout")  # Triton's per-request limit, in microseconds
@@ -132,6 +134,8 @@ class DataPlane:
             code = exc.status
             raise
         finally:
+            if in_flight is not None:
+                in_flight.dec()
             if served is not None:
                 self.metrics.request(served.model, served.version, code, time.perf_counter() - started)
 

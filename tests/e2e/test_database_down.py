@@ -40,8 +40,10 @@ def test_unreachable_database_at_start_is_live_not_ready_until_it_answers(
 ) -> None:
     database_url = postgres.create_database().replace("postgresql://", "postgresql+psycopg://")
     postgres.stop()
-    settings = {"database_url": database_url, "registry_poll_seconds": "0.5", "poll_seconds": "0.2"}
-    with running(start_server(tmp_path / "home", **settings)) as server:
+    home = tmp_path / "home"
+    with running(
+        start_server(home, database_url=database_url, registry_poll_seconds="0.5", poll_seconds="0.2")
+    ) as server:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:  # several migration retries fail meanwhile
             assert status(server.url, "/v2/health/live") == 200

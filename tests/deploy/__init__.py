@@ -1,0 +1,1 @@
+"""Deployment checks: the container image, compose, Kubernetes manifests and dashboards."""
