@@ -14,6 +14,7 @@ the PostgreSQL cases skip with the reason.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pwd
 import shutil
@@ -146,6 +147,16 @@ def start_postgres() -> PostgresServer:
         pytest.skip(f"PostgreSQL unavailable: {exc}")
     atexit.register(_close_if_owner, server, os.getpid())  # a safety net: close() is idempotent
     return server
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[PostgresServer]:
+    """A server of the caller's own (to stop, restart or break), closed at the end of the block."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def _close_if_owner(server: PostgresServer, owner_pid: int) -> None:

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,16 +80,27 @@ def start_server(home: Path, *, port: int | None = None, env: Mapping[str, str] 
             stderr=subprocess.STDOUT,
         )
     proc = Proc(popen, log, url=f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 60
+    try:
+        wait_http(popen, f"{proc.url}/v1/health", "server", proc.output, timeout=60)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc
+
+
+def wait_http(
+    popen: subprocess.Popen[bytes], url: str, what: str, output: Callable[[], str], timeout: float = 60.0
+) -> None:
+    """Until ``url`` answers 200; RuntimeError with the end of ``output()`` if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
-            raise RuntimeError(f"server exited with {popen.returncode}:\n{proc.output()[-3000:]}")
+            raise RuntimeError(f"{what} exited with {popen.returncode}:\n{output()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{proc.url}/v1/health", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not come up:\n{proc.output()[-3000:]}")
+    raise RuntimeError(f"{what} did not come up:\n{output()[-3000:]}")
 
 
 def start_worker(home: Path, *, env: Mapping[str, str] | None = None, name: str = "worker", **settings: str) -> Proc:

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.serverproc import ROOT, Proc, free_port, service_env, start_server, wait_for, wait_job
+from tests.serverproc import ROOT, Proc, free_port, service_env, start_server, wait_for, wait_http, wait_job
 
 #: Where Debian's package puts the binary.
 PROMETHEUS = "/usr/bin/prometheus"
@@ -155,16 +155,12 @@ def start_prometheus(workdir: Path, targets: Mapping[str, str], *, binary: str |
             stderr=subprocess.STDOUT,
         )
     prom = Prometheus(popen, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if popen.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {popen.returncode}:\n{prom.output()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{prom.url}/-/ready", timeout=1).status_code == 200:
-                return prom
-        time.sleep(0.1)
-    prom.stop()
-    raise RuntimeError(f"prometheus did not become ready:\n{prom.output()[-3000:]}")
+    try:
+        wait_http(popen, f"{prom.url}/-/ready", "prometheus", prom.output, timeout=30)
+    except RuntimeError:
+        prom.stop()
+        raise
+    return prom
 
 
 def start_worker_with_metrics(home: Path, metrics_port: int, **settings: str) -> Proc:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import MlpFiles, job_config, upload
-from tests.pg import PostgresServer, start_postgres
+from tests.pg import PostgresServer, own_postgres
 from tests.serverproc import running, start_server, wait_for, wait_job
 
 pytestmark = pytest.mark.slow
@@ -24,11 +24,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()  # pytest.skip with the reason when PostgreSQL cannot run here
-    try:
+    with own_postgres() as server:  # pytest.skip with the reason when PostgreSQL cannot run here
         yield server
-    finally:
-        server.close()
 
 
 def status(url: str, path: str) -> int:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.builders import mlp_data, mlp_onnx
-from tests.pg import PostgresServer, start_postgres
+from tests.pg import PostgresServer, own_postgres
 from tests.s3server import S3Server, dummy_aws_env, start_s3_server
 from tests.serverproc import FAST_JOB, running, start_server, start_worker, wait_job
 
@@ -28,11 +28,8 @@ JOBS = 6
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    server = start_postgres()  # pytest.skip with the reason when PostgreSQL cannot run here
-    try:
+    with own_postgres() as server:  # pytest.skip with the reason when PostgreSQL cannot run here
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
