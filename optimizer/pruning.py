@@ -36,7 +36,9 @@ class PruneInfo(BaseModel):
 
     ``channels_*`` is the total output width of the module's Conv and Linear layers
     (Conv out_channels + Linear out_features); ``sparsity`` the fraction of zero Conv/Linear
-    weights (unstructured only); ``macs_*`` per sample, None where they could not be counted.
+    weights (unstructured only); ``macs_*`` per sample, None where they could not be counted;
+    ``steps`` how many pruning steps reached the ratio, ``global_pruning`` whether channels were
+    ranked across layers.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -51,6 +53,8 @@ class PruneInfo(BaseModel):
     channels_before: int | None
     channels_after: int | None
     sparsity: float | None
+    steps: int = 1
+    global_pruning: bool = False
 
 
 def prune_structured(
@@ -62,6 +66,10 @@ def prune_structured(
     round_to: int | None = 8,
     loss_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     input_names: list[str],
+    steps: int = 1,
+    between: Callable[[int], None] | None = None,
+    global_pruning: bool = False,
+    max_layer_ratio: float | None = None,
 ) -> PruneInfo:
     """Remove ``ratio`` of the channels of every prunable layer group of ``module``, in place.
 
@@ -69,12 +77,24 @@ def prune_structured(
     ``importance``: "magnitude" (L2 of the weights), "lamp" (layer-adaptive magnitude) or
     "taylor" (first-order Taylor; needs ``loss_fn(module) -> loss`` on a batch, whose gradients
     rank the channels). Remaining widths are multiples of ``round_to`` (None: no rounding). The
-    classifier keeps its output width. Raises InvalidConfig for bad options, PassFailed when
-    nothing can be pruned or the pruned module no longer runs.
+    classifier keeps its output width.
+
+    ``steps`` > 1 prunes gradually (Torch-Pruning's ``iterative_steps``, a linear schedule): step
+    ``i`` reaches ``ratio * i / steps`` with the importance scored afresh on the current weights,
+    and ``between(i)`` runs after every step but the last (to train the module, which it must
+    leave on the CPU). ``global_pruning`` ranks channels across layers instead of taking
+    ``ratio`` from each; ``max_layer_ratio`` then caps what one layer loses. Raises InvalidConfig
+    for bad options, PassFailed when nothing can be pruned or the pruned module no longer runs.
     """
     import torch
 
     _check_ratio(ratio, "ratio")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidConfig(f"pruning steps must be a positive integer, got {steps!r}")
+    if max_layer_ratio is not None:
+        _check_ratio(max_layer_ratio, "max_layer_ratio")
+        if max_layer_ratio < ratio:
+            raise InvalidConfig(f"max_layer_ratio ({max_layer_ratio}) must be at least the ratio ({ratio})")
     if importance not in _IMPORTANCES:
         raise InvalidConfig(f"importance must be one of {', '.join(_IMPORTANCES)}, got {importance!r}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
@@ -103,19 +123,16 @@ def prune_structured(
         try:
             pruner = tp.pruner.BasePruner(
                 module, example, importance=scorer, pruning_ratio=ratio, ignored_layers=ignored,
-                round_to=round_to, global_pruning=False,
+                round_to=round_to, global_pruning=global_pruning, iterative_steps=steps,
+                max_pruning_ratio=max_layer_ratio if max_layer_ratio is not None else 1.0,
             )  # fmt: skip
-            if loss_fn is not None and importance == "taylor":
-                module.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss_fn(module).backward()
-            pruner.step()
-        except (InvalidConfig, InvalidData, PassFailed):
-            raise
         except Exception as exc:
             raise PassFailed(f"structured pruning failed: {first_line(exc)}") from exc
-        finally:
-            module.zero_grad(set_to_none=True)
+        for index in range(1, steps + 1):
+            _prune_step(module, pruner, loss_fn if importance == "taylor" else None)
+            if between is not None and index < steps:
+                between(index)
+                module.eval()
         module.eval()
         try:
             with torch.no_grad():
@@ -129,9 +146,28 @@ def prune_structured(
             params_before=params_before, params_after=_param_count(module),
             macs_before=macs_before, macs_after=_macs(module, example),
             channels_before=channels_before, channels_after=_channels(module), sparsity=None,
+            steps=steps, global_pruning=global_pruning,
         )  # fmt: skip
     finally:
         module.train(was_training)
+
+
+def _prune_step(module: torch.nn.Module, pruner: Any, loss_fn: Callable[[Any], Any] | None) -> None:
+    """One of the pruner's steps (Taylor gradients computed first); third-party errors translated."""
+    import torch
+
+    try:
+        if loss_fn is not None:
+            module.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss_fn(module).backward()
+        pruner.step()
+    except (InvalidConfig, InvalidData, PassFailed):
+        raise
+    except Exception as exc:
+        raise PassFailed(f"structured pruning failed: {first_line(exc)}") from exc
+    finally:
+        module.zero_grad(set_to_none=True)
 
 
 def prune_unstructured(module: torch.nn.Module, *, amount: float) -> PruneInfo:

@@ -72,10 +72,42 @@ def _pruning(info: dict[str, Any]) -> str:
         ("multiply-adds per sample", pair(info.get("macs_before"), info.get("macs_after"))),
         ("channels", pair(info.get("channels_before"), info.get("channels_after"))),
     ]
+    if int(info.get("steps") or 1) > 1:
+        rows.append(("steps", _steps(info)))
+    if info.get("global_pruning"):
+        rows.append(("ranking", "global (channels ranked across layers)"))
     if info.get("sparsity") is not None:
         zeros = f"{100 * float(info['sparsity']):.1f}%"
         rows.append(("zero weights", f"{zeros} (same shapes: smaller when compressed, not faster)"))
     return _table(rows)
+
+
+def _steps(info: dict[str, Any]) -> str:
+    """The step count and what the training between the steps reached."""
+    runs = info.get("step_training") or []
+    text = str(info.get("steps"))
+    if not runs:
+        return text
+    epochs = sorted({int(r.get("epochs") or 0) for r in runs})
+    scores = [r.get("val_accuracy") for r in runs]
+    measured = ", ".join(_num(v) for v in scores) if all(v is not None for v in scores) else ""
+    losses = ", ".join(_num(r.get("best_val_loss")) for r in runs)
+    what = f"val accuracy {measured}" if measured else f"val loss {losses}"
+    return f"{text} (fine-tuned {'/'.join(map(str, epochs))} epochs between steps: {what})"
+
+
+def _distillation(training: dict[str, Any]) -> str | None:
+    """How the teacher was used, or None when it was not."""
+    if training.get("temperature") is None:
+        return None
+    parts = [f"temperature {training['temperature']}"]
+    if training.get("distill_weight") is not None:
+        parts.insert(0, f"weight {training['distill_weight']} (the rest: cross-entropy on the labels)")
+    return ", ".join(parts)
+
+
+def _augmentation(views: int) -> str:
+    return f"{views} shifted, noisy copies of the training inputs (one per epoch), the teacher's outputs as targets"
 
 
 def _summary(training: dict[str, Any]) -> str:
@@ -85,6 +117,8 @@ def _summary(training: dict[str, Any]) -> str:
     kept = f"epoch {training.get('best_epoch')}" + (" (the best, restored)" if training.get("restored_best") else "")
     rows = [
         ("loss", training.get("loss")),
+        *([("distillation", distill)] if (distill := _distillation(training)) else []),
+        *([("augmentation", _augmentation(views))] if (views := int(training.get("augment_views") or 0)) else []),
         ("optimizer", optimizer),
         ("batch size", training.get("batch_size")),
         ("precision", f"{training.get('precision')}" + (f" ({note})" if note else "")),

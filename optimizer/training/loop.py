@@ -21,6 +21,8 @@ from pydantic import BaseModel
 
 from optimizer.data import SampleData
 from optimizer.errors import InvalidConfig, InvalidData, OptimizerError, PassFailed, first_line
+from optimizer.training import augment as augmentation
+from optimizer.training.augment import AugmentMode
 from optimizer.training.ddp import SINGLE, Dist, agree
 from optimizer.training.early_stopping import EarlyStopping
 
@@ -32,9 +34,8 @@ if TYPE_CHECKING:
 LossKind = Literal["cross_entropy", "mse", "distillation", "cross_entropy+distillation"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Teacher = Callable[[dict[str, np.ndarray]], np.ndarray]
-TEMPERATURE = 2.0  # distillation softens both distributions by this much (Hinton et al.)
-#: With labels and a teacher: the weight of the distillation term (the rest is cross-entropy).
-DISTILL_WEIGHT = 0.5
+#: Augmented copies of the training set made once (one is read each epoch, next to the originals).
+VIEW_BYTES = 256 * 2**20  # at most this much memory for them: fewer copies for large samples
 
 
 class EpochRecord(BaseModel):
@@ -55,7 +56,11 @@ class Prepared:
     val: list[torch.Tensor]
     loss: LossKind
     logits: bool  # distillation: KL on softened logits (True) or MSE on values (False)
-    # cross_entropy+distillation: the target is [label, teacher logits...] in one float tensor
+    # cross_entropy+distillation: the target is [label, teacher logits...] in one float tensor;
+    # label -1 marks an augmented sample, trained on the teacher's outputs only
+    distill_weight: float = 0.5  # with labels and a teacher: the distillation term's weight
+    temperature: float = 2.0  # distillation softens both distributions by this much (Hinton et al.)
+    views: tuple[list[torch.Tensor], ...] = ()  # augmented copies of ``train``, targets from the teacher
 
     @property
     def classifies(self) -> bool:
@@ -122,8 +127,16 @@ def prepare(
     val_fraction: float,
     seed: int,
     float_dtype: torch.dtype,
+    distill_weight: float = 0.5,
+    temperature: float = 2.0,
+    augment: AugmentMode = "off",
+    augment_views: int = 8,
 ) -> Prepared:
-    """Tensors for training and validation; teacher outputs computed once when distilling."""
+    """Tensors for training and validation; teacher outputs computed once when distilling.
+
+    ``augment`` (see :mod:`optimizer.training.augment`) adds up to ``augment_views`` shifted,
+    noisy copies of the training inputs with the teacher's outputs on them as targets.
+    """
     import torch
 
     kind = loss_kind(train.labels, teacher is not None)
@@ -139,7 +152,7 @@ def prepare(
     if missing:
         raise InvalidData(f"sample data has no input named {missing[0]!r}")
 
-    def tensors(part: SampleData) -> list[torch.Tensor]:
+    def tensors(part: SampleData, labelled: bool = True) -> list[torch.Tensor]:
         out = []
         for name in input_names:
             t = torch.from_numpy(np.ascontiguousarray(part.inputs[name]))
@@ -150,7 +163,8 @@ def prepare(
         elif kind == "cross_entropy+distillation":
             assert teacher is not None and part.labels is not None
             soft = _teacher_outputs(teacher, part).reshape(len(part), -1)
-            target = torch.from_numpy(np.concatenate([part.labels.astype(np.float32)[:, None], soft], axis=1))
+            labels = part.labels.astype(np.float32) if labelled else np.full(len(part), -1, np.float32)
+            target = torch.from_numpy(np.concatenate([labels[:, None], soft], axis=1))
         elif kind == "cross_entropy":
             target = torch.from_numpy(np.ascontiguousarray(part.labels, dtype=np.int64))
         else:
@@ -159,7 +173,13 @@ def prepare(
 
     prepared_train, prepared_val = tensors(train), tensors(val)
     logits = kind == "cross_entropy+distillation" or (kind == "distillation" and prepared_train[-1].ndim == 2)
-    return Prepared(prepared_train, prepared_val, kind, logits)
+    views: list[list[torch.Tensor]] = []
+    if augmentation.enabled(augment, {n: train.inputs[n] for n in input_names}, teacher is not None):
+        size = sum(train.inputs[n].nbytes for n in input_names)
+        for index in range(min(augment_views, max(1, VIEW_BYTES // max(size, 1)))):
+            shifted = augmentation.augmented_copy({n: train.inputs[n] for n in input_names}, seed + 7919 * (index + 1))
+            views.append(tensors(SampleData(shifted, train.labels), labelled=False))
+    return Prepared(prepared_train, prepared_val, kind, logits, distill_weight, temperature, tuple(views))
 
 
 def compute_loss(data: Prepared, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -167,20 +187,23 @@ def compute_loss(data: Prepared, output: torch.Tensor, target: torch.Tensor) -> 
     import torch.nn.functional as F
 
     output = output.float()
+    temperature = data.temperature
     if data.loss == "cross_entropy":
         return F.cross_entropy(output, target)
     if data.loss == "cross_entropy+distillation":
-        hard = F.cross_entropy(output, target[:, 0].long())
-        student = F.log_softmax(output / TEMPERATURE, dim=-1)
-        soft = F.log_softmax(target[:, 1:].float() / TEMPERATURE, dim=-1)
-        distill = F.kl_div(student, soft, reduction="batchmean", log_target=True) * TEMPERATURE**2
-        return (1 - DISTILL_WEIGHT) * hard + DISTILL_WEIGHT * distill
+        labels = target[:, 0].long()
+        labelled = (labels >= 0).float()  # augmented samples (-1) learn from the teacher alone
+        hard = F.cross_entropy(output, labels.clamp(min=0), reduction="none") * labelled
+        student = F.log_softmax(output / temperature, dim=-1)
+        soft = F.log_softmax(target[:, 1:].float() / temperature, dim=-1)
+        distill = F.kl_div(student, soft, reduction="none", log_target=True).sum(-1) * temperature**2
+        return ((1 - data.distill_weight) * hard + data.distill_weight * distill).mean()
     if output.shape != target.shape and output.numel() == target.numel():
         output = output.reshape(target.shape)
     if data.loss == "distillation" and data.logits:
-        student = F.log_softmax(output / TEMPERATURE, dim=-1)
-        soft = F.log_softmax(target.float() / TEMPERATURE, dim=-1)
-        return F.kl_div(student, soft, reduction="batchmean", log_target=True) * TEMPERATURE**2
+        student = F.log_softmax(output / temperature, dim=-1)
+        soft = F.log_softmax(target.float() / temperature, dim=-1)
+        return F.kl_div(student, soft, reduction="batchmean", log_target=True) * temperature**2
     return F.mse_loss(output, target.float())
 
 
@@ -240,9 +263,9 @@ def autocast(device: str, precision: Precision) -> contextlib.AbstractContextMan
 def loader(data: Prepared, batch_size: int, seed: int, device: str, dist: Dist) -> Any:
     """Shuffled training batches: this rank's share of each global batch."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from torch.utils.data import DataLoader, DistributedSampler
 
-    dataset = TensorDataset(*data.train)
+    dataset: Any = augmentation.EpochData(data.train, data.views)  # map-style: __len__ and __getitem__
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed
     )
@@ -313,6 +336,7 @@ def run(
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.monotonic()
         batches.sampler.set_epoch(epoch)
+        batches.dataset.set_epoch(epoch)
         model.train()
         train_sum = torch.zeros((), device=device)
         train_count = 0

@@ -6,8 +6,10 @@ dozen lines. Random search draws lr log-uniformly between the smallest and large
 and a batch size from ``batch_choices`` (Bergstra & Bengio), seeded.
 
 Precision "auto" on CPU times a few training steps of a copy of the model on the first batch
-under bf16 autocast and fp32, and keeps bf16 only when it is not slower. The same timing (or one
-of the chosen precision) estimates an epoch for the deadline.
+under bf16 autocast and fp32, and keeps bf16 only when it is not slower (bf16 many times slower
+ends its probe early). The answer is kept for the process, per device and kinds of layers: it is
+the CPU's, so later runs (other pruning ratios, the steps of gradual pruning) skip the probe. The
+same timing (or one of the chosen precision) estimates an epoch for the deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.data import SampleData
 from optimizer.errors import InvalidConfig, PassFailed
+from optimizer.training.augment import AugmentMode
 from optimizer.training.ddp import SINGLE, Dist, agree
 from optimizer.training.early_stopping import copy_state
 from optimizer.training.loop import (
@@ -69,6 +72,14 @@ class FinetuneConfig(BaseModel):
     batch_choices: tuple[int, ...] = Field(default=(32, 64), min_length=1)
     trials: int = Field(default=4, ge=1)  # random search
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # Distillation (with a teacher): the weight of its term next to cross-entropy on the labels,
+    # and the temperature that softens both distributions.
+    distill_weight: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=2.0, gt=0)
+    # Shifted, noisy copies of image inputs with the teacher's outputs as targets ("auto": for
+    # float [N, C, H, W] inputs with H, W >= 16 when distilling); augment_views copies are made.
+    augment: AugmentMode = "auto"
+    augment_views: int = Field(default=8, ge=1)
     workers: int | Literal["auto"] = "auto"  # DDP processes; "auto": every CUDA device when there are several
 
 
@@ -100,6 +111,9 @@ class TrainingReport(BaseModel):
     restored_best: bool
     trials: list[TrialRecord]
     seconds: float
+    distill_weight: float | None = None  # with labels and a teacher
+    temperature: float | None = None  # when distilling
+    augment_views: int = 0  # augmented copies of the training inputs (0: none)
 
 
 def candidates(config: FinetuneConfig, seed: int) -> list[tuple[float, int]]:
@@ -116,15 +130,27 @@ def candidates(config: FinetuneConfig, seed: int) -> list[tuple[float, int]]:
     ]
 
 
-def time_steps(module: torch.nn.Module, data: Prepared, precision: Precision, batch_size: int, device: str) -> float:
-    """Seconds per training step of a copy of ``module`` on the first batch (after one warm-up)."""
+def time_steps(
+    module: torch.nn.Module,
+    data: Prepared,
+    precision: Precision,
+    batch_size: int,
+    device: str,
+    limit: float | None = None,
+) -> float:
+    """Seconds per training step of a copy of ``module`` on the first batch (after one warm-up).
+
+    With ``limit``, stops once the probe has taken that many seconds (warm-up included) and
+    returns what it measured so far (the warm-up step itself when nothing else ran).
+    """
     import torch
 
     probe = copy.deepcopy(module).to(device).train()
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)
     batch = [t[:batch_size].to(device) for t in data.train]
     cuda = torch.device(device).type == "cuda"
-    elapsed = 0.0
+    elapsed = total = 0.0
+    measured = 0
     for step in range(_PROBE_STEPS + 1):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -134,9 +160,20 @@ def time_steps(module: torch.nn.Module, data: Prepared, precision: Precision, ba
         optimizer.step()
         if cuda:
             torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        total += seconds
         if step > 0:
-            elapsed += time.perf_counter() - start
-    return elapsed / _PROBE_STEPS
+            elapsed += seconds
+            measured += 1
+        if limit is not None and total > limit:
+            break
+    return elapsed / measured if measured else total
+
+
+#: CPU precision choices by (device, kinds of layers): bf16's speed against fp32 is the CPU's
+#: (AVX-512 BF16 / AMX or not) for a kind of network, so one probe per process serves every
+#: pruning ratio and job after it.
+_CPU_CHOICE: dict[tuple[str, tuple[str, ...]], tuple[Precision, str]] = {}
 
 
 def choose_precision(
@@ -155,16 +192,29 @@ def choose_precision(
         return "fp32", "fp16 autocast is not used on CPU: trained in fp32", None
     if requested in ("fp32", "bf16"):
         return requested, None, None  # type: ignore[return-value]
+    kinds = tuple(sorted({type(m).__name__ for m in module.modules() if any(True for _ in m.parameters(False))}))
+    key = (str(torch.device(device)), kinds)
+    if key in _CPU_CHOICE:
+        return (*_CPU_CHOICE[key], None)
+    start = time.perf_counter()
     fp32 = time_steps(module, data, "fp32", batch_size, device)
-    bf16 = time_steps(module, data, "bf16", batch_size, device)
+    # bf16 many times slower (CPUs without bf16 instructions) is clear long before its 4 steps end.
+    bf16 = time_steps(module, data, "bf16", batch_size, device, limit=4 * (time.perf_counter() - start))
     if bf16 <= fp32:
-        return "bf16", f"bf16 autocast measured {fp32 / bf16:.1f}x the speed of fp32 on this CPU", bf16
-    return "fp32", f"bf16 autocast measured {bf16 / fp32:.1f}x slower than fp32 on this CPU", fp32
+        choice: tuple[Precision, str] = (
+            "bf16",
+            f"bf16 autocast measured {fp32 / bf16:.1f}x the speed of fp32 on this CPU",
+        )
+    else:
+        choice = ("fp32", f"bf16 autocast measured {bf16 / fp32:.1f}x slower than fp32 on this CPU")
+    _CPU_CHOICE[key] = choice
+    return (*choice, bf16 if choice[0] == "bf16" else fp32)
 
 
 def epoch_seconds(step_seconds: float, data: Prepared, batch_size: int, workers: int) -> float:
     """Estimated seconds for one epoch (training steps plus a cheaper validation pass)."""
-    steps = math.ceil(len(data.train[0]) / batch_size) + math.ceil(len(data.val[0]) / batch_size) / 3
+    samples = len(data.train[0]) * (2 if data.views else 1)
+    steps = math.ceil(samples / batch_size) + math.ceil(len(data.val[0]) / batch_size) / 3
     return step_seconds * steps / workers
 
 
@@ -236,6 +286,9 @@ def run_search(
         restored_best=outcome.restored_best,
         trials=trials,
         seconds=0.0,
+        distill_weight=data.distill_weight if data.loss == "cross_entropy+distillation" else None,
+        temperature=data.temperature if data.logits else None,
+        augment_views=len(data.views),
     )
 
 
@@ -317,6 +370,10 @@ def _fine_tune(
         val_fraction=config.val_fraction,
         seed=seed,
         float_dtype=float_dtype,
+        distill_weight=config.distill_weight,
+        temperature=config.temperature,
+        augment=config.augment,
+        augment_views=config.augment_views,
     )
     if config.monitor not in ("val_loss", "train_loss") and not (config.monitor == "val_accuracy" and data.classifies):
         raise InvalidConfig(f"cannot monitor {config.monitor!r} for a {data.loss} run")

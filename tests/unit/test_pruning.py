@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -157,3 +158,55 @@ def test_conv_head_keeps_its_width(tmp_path: Path) -> None:
     out = export_onnx(model, sample, tmp_path / "head.onnx", opset=17, **NAMES)
     assert verify_onnx(model, out, sample) < 1e-4
     assert np.asarray(model(torch.from_numpy(random_images(3))).detach()).shape == (3, 6)
+
+
+def conv_out(module: torch.nn.Module) -> list[int]:
+    import torch
+
+    return [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_gradual_pruning_reaches_the_ratio_in_steps(
+    module: torch.nn.Module, converted: torch.nn.Module, tmp_path: Path
+) -> None:
+    """Three steps to 50%: ``between`` sees the widths shrink step by step; the end matches one step."""
+    import torch
+
+    sample = {"image": random_images(4)}
+    seen: list[tuple[int, list[int]]] = []
+
+    def between(step: int) -> None:
+        seen.append((step, conv_out(module)))
+        with torch.no_grad():  # what training would do: the weights change between the steps
+            for parameter in module.parameters():
+                parameter.mul_(1.01)
+
+    info = prune_structured(module, sample, ratio=0.5, round_to=None, steps=3, between=between, input_names=["image"])
+    once = copy.deepcopy(converted)
+    prune_structured(once, sample, ratio=0.5, round_to=None, input_names=["image"])
+    original = conv_out(converted)
+    assert [step for step, _ in seen] == [1, 2]  # not after the last step
+    widths = [original, seen[0][1], seen[1][1], conv_out(module)]
+    assert all(all(b < a for a, b in zip(w0, w1, strict=True)) for w0, w1 in itertools.pairwise(widths))
+    assert conv_out(module) == conv_out(once) == [12, 12, 16, 16, 32]
+    assert info.steps == 3 and info.channels_after == sum(conv_out(module)) + 10
+    out = export_onnx(module, sample, tmp_path / "gradual.onnx", opset=17, **NAMES)
+    assert gemm_width(out) == 10
+    assert verify_onnx(module, out, {"image": random_images(6, seed=3)}) < 1e-4
+
+
+def test_global_pruning_caps_each_layer(module: torch.nn.Module, converted: torch.nn.Module) -> None:
+    sample = {"image": random_images(4)}
+    info = prune_structured(
+        module, sample, ratio=0.5, round_to=None, global_pruning=True, max_layer_ratio=0.75, input_names=["image"]
+    )
+    before, after = conv_out(converted), conv_out(module)
+    assert info.global_pruning and info.params_after < info.params_before
+    assert all(a >= b * 0.25 for a, b in zip(after, before, strict=True))
+    assert after != [12, 12, 16, 16, 32]  # not the per-layer result: channels were ranked across layers
+
+
+@pytest.mark.parametrize(("options", "match"), [({"steps": 0}, "steps"), ({"max_layer_ratio": 0.3}, "at least")])
+def test_bad_gradual_options_are_refused(options: dict[str, float], match: str, module: torch.nn.Module) -> None:
+    with pytest.raises(InvalidConfig, match=match):
+        prune_structured(module, {"image": random_images(2)}, ratio=0.5, input_names=["image"], **options)  # type: ignore[arg-type]

@@ -256,6 +256,22 @@ def test_auto_precision_on_cpu_is_measured_and_explained(digits: tuple[np.ndarra
         assert "the speed of fp32" in report.precision_note
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU precision choice")
+def test_the_cpu_precision_probe_runs_once_per_kind_of_model(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    from optimizer.training import search
+
+    search._CPU_CHOICE.clear()
+    train, val = split(digits, 128, 64)
+    _, first = fine_tune(mlp(), train, val, FinetuneConfig(epochs=1), input_names=["x"])
+    assert list(search._CPU_CHOICE) == [("cpu", ("Linear",))]
+    assert search._CPU_CHOICE["cpu", ("Linear",)] == (first.precision, first.precision_note)
+    _, second = fine_tune(mlp(hidden=64, seed=2), train, val, FinetuneConfig(epochs=1), input_names=["x"])
+    assert (second.precision, second.precision_note) == (first.precision, first.precision_note)  # reused
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 10))
+    fine_tune(cnn, train, val, FinetuneConfig(epochs=1), input_names=["x"])
+    assert sorted(search._CPU_CHOICE) == [("cpu", ("Conv2d", "Linear")), ("cpu", ("Linear",))]  # probed anew
+
+
 def test_fp16_on_cpu_trains_in_fp32_with_a_note(digits: tuple[np.ndarray, np.ndarray]) -> None:
     train, val = split(digits, 64, 32)
     _, report = fine_tune(mlp(), train, val, FinetuneConfig(epochs=1, precision="fp16"), input_names=["x"])
@@ -306,3 +322,120 @@ def test_auto_precision_on_cuda_uses_reduced_precision(digits: tuple[np.ndarray,
     train, val = split(digits, 200, 100)
     _, report = fine_tune(mlp(), train, val, FinetuneConfig(epochs=2), input_names=["x"], device="cuda")
     assert report.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+# --------------------------------------------------------------------------------------------
+# distillation weight and temperature, input augmentation
+
+
+def images_16(digits: tuple[np.ndarray, np.ndarray], count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digits upsampled to 16x16 (each pixel repeated 2x2): image-shaped enough to augment."""
+    images, labels = digits
+    return np.ascontiguousarray(np.kron(images[:count], np.ones((1, 1, 2, 2), np.float32))), labels[:count]
+
+
+def test_augmented_copy_is_a_small_shift_plus_noise(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    from optimizer.training.augment import augmented_copy
+
+    images, _ = images_16(digits, 40)
+    copy_a = augmented_copy({"x": images}, seed=1)["x"]
+    assert copy_a.shape == images.shape and copy_a.dtype == images.dtype
+    assert np.array_equal(copy_a, augmented_copy({"x": images}, seed=1)["x"])
+    assert not np.array_equal(copy_a, augmented_copy({"x": images}, seed=2)["x"])
+    padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+    shifts = []
+    for index in range(len(images)):  # each copy is its image moved by at most 2 pixels, plus a little noise
+        errors = {
+            (dy, dx): float(np.abs(copy_a[index] - padded[index, :, 2 - dy : 18 - dy, 2 - dx : 18 - dx]).max())
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        }
+        best = min(errors, key=lambda key: errors[key])
+        assert errors[best] < 0.2 * float(images.std())
+        shifts.append(best)
+    assert len(set(shifts)) > 5  # the samples moved in different directions
+
+
+def test_augmentation_applies_to_image_inputs_with_a_teacher_only() -> None:
+    from optimizer.training.augment import enabled
+
+    image = np.zeros((4, 1, 16, 16), np.float32)
+    assert enabled("auto", {"x": image}, distills=True)
+    assert not enabled("auto", {"x": image}, distills=False)
+    assert not enabled("off", {"x": image}, distills=True)
+    small, flat, ints = np.zeros((4, 1, 8, 8), np.float32), np.zeros((4, 64), np.float32), image.astype(np.int64)
+    for inputs in ({"x": small}, {"x": flat}, {"x": ints}, {"x": image, "mask": flat}):
+        assert not enabled("auto", inputs, distills=True)
+    with pytest.raises(InvalidConfig, match="H and W >= 16"):
+        enabled("on", {"x": flat}, distills=True)
+    with pytest.raises(InvalidConfig, match="needs a teacher"):
+        enabled("on", {"x": image}, distills=False)
+
+
+def test_augmented_samples_learn_from_the_teacher_alone() -> None:
+    from optimizer.training.loop import Prepared, compute_loss
+
+    output = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[0.0, 3.0, 0.0], [1.0, 0.0, 0.0]])
+    labelled = torch.cat([torch.tensor([[0.0], [2.0]]), teacher], dim=1)
+    augmented = torch.cat([torch.full((2, 1), -1.0), teacher], dim=1)
+    empty: list[Any] = []
+
+    def loss(weight: float, target: Any, temperature: float = 2.0) -> float:
+        data = Prepared(empty, empty, "cross_entropy+distillation", True, weight, temperature)
+        return float(compute_loss(data, output, target))
+
+    ce = float(torch.nn.functional.cross_entropy(output, torch.tensor([0, 2])))
+    kd = float(
+        torch.nn.functional.kl_div(
+            torch.log_softmax(output / 4, -1),
+            torch.log_softmax(teacher / 4, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * 16
+    )
+    assert loss(0.0, labelled) == pytest.approx(ce)
+    assert loss(1.0, labelled, temperature=4.0) == pytest.approx(kd)
+    assert loss(0.0, augmented) == 0.0  # no label: no cross-entropy
+    assert loss(0.3, augmented, temperature=4.0) == pytest.approx(0.3 * kd)
+    assert loss(0.3, labelled, temperature=4.0) == pytest.approx(0.7 * ce + 0.3 * kd)
+
+
+def test_fine_tune_augments_image_inputs_when_distilling(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = images_16(digits, 300)
+    torch.manual_seed(0)
+    teacher_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    calls: list[int] = []
+
+    def teacher(feed: dict[str, np.ndarray]) -> np.ndarray:
+        calls.append(len(feed["x"]))
+        with torch.no_grad():
+            return teacher_model(torch.from_numpy(feed["x"])).numpy()
+
+    def student() -> Any:
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+
+    train = SampleData({"x": images[:200]}, labels[:200])
+    val = SampleData({"x": images[200:]}, labels[200:])
+    config = FinetuneConfig(epochs=2, batch_size=50, precision="fp32", augment_views=3, distill_weight=0.8)
+    _, report = fine_tune(student(), train, val, config, input_names=["x"], teacher=teacher)
+    assert report.augment_views == 3 and report.distill_weight == 0.8 and report.temperature == 2.0
+    assert sum(calls) == 200 + 100 + 3 * 200  # every copy's teacher outputs computed once, before training
+    off = config.model_copy(update={"augment": "off"})
+    _, plain = fine_tune(student(), train, val, off, input_names=["x"], teacher=teacher)
+    assert plain.augment_views == 0
+    assert plain.history[0].train_loss != report.history[0].train_loss  # the copies were trained on
+    _, hard = fine_tune(student(), train, val, config.model_copy(update={"augment": "auto"}), input_names=["x"])
+    assert (hard.augment_views, hard.distill_weight, hard.temperature) == (0, None, None)  # no teacher
+    with pytest.raises(InvalidConfig, match="needs a teacher"):
+        fine_tune(student(), train, val, config.model_copy(update={"augment": "on"}), input_names=["x"])
+
+
+def test_distillation_options_are_validated() -> None:
+    from pydantic import ValidationError
+
+    for bad in ({"distill_weight": 1.5}, {"temperature": 0}, {"augment": "sometimes"}, {"augment_views": 0}):
+        with pytest.raises(ValidationError):
+            FinetuneConfig(**bad)
