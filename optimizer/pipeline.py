@@ -260,7 +260,7 @@ class _Run:
                 retry.append(recipes.fallback_for(recipe, self.config.fallback_max_trials))
             if not queue and retry:
                 # Fallbacks for the fastest quantized candidates first: those are worth rescuing.
-                speed = {c.name: c.throughput for c in measured}
+                speed = {c.name: c.speedup for c in measured}
                 retry.sort(key=lambda r: -speed.get(r.name.removesuffix("+fallback"), 0.0))
                 queue, retry = retry[:2], []
                 total += len(queue)

@@ -85,7 +85,9 @@ class Candidate(Measurement):
     techniques: list[str]
     passes: list[dict[str, Any]]  # [{"pass": name, "config": {...}}] as applied, in order
     accuracy_drop: float  # in the metric's units (or a fraction with relative budgets); >0 is worse
-    speedup: float  # measured throughput over the baseline's, at the serving batch size
+    # throughput over the baseline's at the serving batch size: the median of rounds timed
+    # alternately with the baseline (so not exactly throughput / the baseline's throughput)
+    speedup: float
     accepted: bool
     pareto: bool = False
     reason: str  # why accepted or rejected, one line

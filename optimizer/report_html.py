@@ -146,7 +146,11 @@ def _headline(report: Report, chosen: Candidate | None) -> str:
     change = (size - base.size_bytes) / base.size_bytes * 100 if base.size_bytes else 0.0
     metric = base.accuracy.metric + (" (relative)" if report.budget.relative else "")
     cards = [
-        ("Speedup", f"{speedup:.2f}×", f"throughput at batch {report.budget.serving_batch_size}"),
+        (
+            "Speedup",
+            f"{speedup:.2f}×",
+            f"throughput at batch {report.budget.serving_batch_size}, timed alternately with the original",
+        ),
         (
             "Accuracy drop",
             _drop(drop, report.budget),

@@ -5,6 +5,11 @@ timed with :func:`time.perf_counter` until at least ``min_iterations`` runs *and
 have passed, or ``max_iterations`` runs were made. Percentiles come from :func:`numpy.percentile`.
 A hand-written loop because ONNX Runtime's own perf tool is a separate binary that cannot time an
 in-process session with our providers and options.
+
+:func:`measure_paired` times a candidate in rounds that alternate with the baseline (ABBA order)
+and reports the median of the per-round throughput ratios as the speedup: a machine whose speed
+drifts during a job (a neighbour on a shared host, frequency scaling) slows both sides of a
+round alike, so the ratio stays honest where two measurements a minute apart would not.
 """
 
 from __future__ import annotations
@@ -69,17 +74,82 @@ def measure(
     feed = data.batch(size)
     for _ in range(max(warmup, 0)):
         run_feed(session, feed)
+    return _performance(size, _timed(session, feed, min_iterations, max_iterations, max_seconds))
 
+
+#: Untimed calls at the start of each slice of :func:`measure_paired`: right after the other
+#: session ran, caches are cold and (on a machine with few cores) its idle threads still spin.
+SLICE_WARMUP = 2
+
+
+def measure_paired(
+    session: ort.InferenceSession,
+    reference: ort.InferenceSession,
+    data: SampleData,
+    batch_size: int,
+    *,
+    rounds: int = 5,
+    warmup: int = 3,
+    min_iterations: int = 10,
+    max_iterations: int = 200,
+    max_seconds: float = 2.0,
+) -> tuple[BatchPerformance, float]:
+    """Time ``session`` in ``rounds`` slices alternating with ``reference`` (ABBA order).
+
+    Each side gets ``1/rounds`` of the iteration and time limits per round, so ``session`` is
+    timed about as long as :func:`measure` would. Returns ``session``'s performance over all its
+    slices and the speedup: the median over rounds of the ratio of the two sides' typical
+    throughput in that round (batch size over the slice's median call time, so a call that lost
+    the CPU to another process does not decide a round).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if rounds < 1 or min_iterations < 1 or max_iterations < min_iterations:
+        raise ValueError("need rounds >= 1 and 1 <= min_iterations <= max_iterations")
+    if len(data) == 0:
+        raise ValueError("no samples to time")
+    sides = []
+    for timed in (session, reference):
+        size = fixed_batch_size(timed) or batch_size
+        feed = data.batch(size)
+        for _ in range(max(warmup, 0)):
+            run_feed(timed, feed)
+        sides.append((timed, feed, size))
+    least, most = max(1, -(-min_iterations // rounds)), max(1, max_iterations // rounds)
+    slice_seconds = max_seconds / rounds
+    durations: list[float] = []
+    ratios: list[float] = []
+    for number in range(rounds):
+        typical = {}
+        for index in (0, 1) if number % 2 == 0 else (1, 0):
+            timed, feed, _ = sides[index]
+            for _ in range(SLICE_WARMUP):  # the first calls after the other session ran are cold
+                run_feed(timed, feed)
+            taken = _timed(timed, feed, least, max(least, most), slice_seconds)
+            typical[index] = float(np.median(taken))
+            if index == 0:
+                durations.extend(taken)
+        ratios.append((sides[0][2] / max(typical[0], 1e-9)) / (sides[1][2] / max(typical[1], 1e-9)))
+    return _performance(sides[0][2], durations), float(np.median(ratios))
+
+
+def _timed(
+    session: ort.InferenceSession, feed: dict[str, np.ndarray], least: int, most: int, seconds: float
+) -> list[float]:
+    """Seconds per call: at least ``least`` calls and ``seconds`` in all, at most ``most`` calls."""
     durations: list[float] = []
     started = time.perf_counter()
-    while len(durations) < max_iterations:
+    while len(durations) < most:
         t0 = time.perf_counter()
         run_feed(session, feed)
         t1 = time.perf_counter()
         durations.append(t1 - t0)
-        if len(durations) >= min_iterations and t1 - started >= max_seconds:
+        if len(durations) >= least and t1 - started >= seconds:
             break
+    return durations
 
+
+def _performance(size: int, durations: list[float]) -> BatchPerformance:
     seconds = np.asarray(durations, dtype=np.float64)
     p50, p95, p99 = (float(v) * 1000.0 for v in np.percentile(seconds, [50, 95, 99]))
     mean_s = float(seconds.mean())

@@ -2,7 +2,9 @@
 
 Accuracy on the validation split (against labels, or fidelity to the baseline's outputs), latency
 and throughput at batch 1 and the serving batch size, size on disk, peak memory in a fresh child
-process, and (for the baseline and the chosen model) the slowest operators.
+process, and (for the baseline and the chosen model) the slowest operators. A candidate's speedup
+is timed against the baseline in alternating rounds (:func:`latency.measure_paired`), so the
+baseline's session stays open for the whole job.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Evaluator:
         self.measure_memory = measure_memory
         self._reference: list[np.ndarray] | None = None
         self._baseline: Measurement | None = None
+        self._baseline_session: ort.InferenceSession | None = None
         self._scores: dict[
             tuple[str, int, int], AccuracyResult
         ] = {}  # by model file: a fallback's winner is scored once
@@ -75,7 +78,14 @@ class Evaluator:
     def _score_outputs(self, outputs: list[np.ndarray]) -> AccuracyResult:
         return accuracy.score(outputs, self.validation, self._reference, task=self.task, metric=self.metric)
 
-    def _measure(self, model: ModelArtifact, session: ort.InferenceSession, result: AccuracyResult) -> Measurement:
+    def _measure(
+        self,
+        model: ModelArtifact,
+        session: ort.InferenceSession,
+        result: AccuracyResult,
+        reference: ort.InferenceSession | None = None,
+    ) -> tuple[Measurement, float | None]:
+        """The measurement, and with ``reference`` the paired speedup at the serving batch size."""
         fixed = latency.fixed_batch_size(session)
         if fixed is not None:
             self.serving_batch_size = fixed
@@ -84,10 +94,18 @@ class Evaluator:
             latency.measure(session, self.validation, size, max_seconds=self.latency_seconds) for size in batch_sizes
         ]
         serving = performance[-1]
+        speedup = None
+        if reference is not None:
+            # Latency percentiles above come from an uninterrupted run, like the baseline's; the
+            # speedup from rounds alternating with the baseline (switching sessions disturbs the
+            # first calls of a round, which would inflate a p99 but not a round's median).
+            _, speedup = latency.measure_paired(
+                session, reference, self.validation, batch_sizes[-1], max_seconds=self.latency_seconds
+            )
         peak = None
         if self.measure_memory:
             peak = memory.peak_memory(model.path, self.validation.batch(self.serving_batch_size), self.runtime)
-        return Measurement(
+        measurement = Measurement(
             accuracy=result,
             latency_ms=serving.latency_ms,
             throughput=serving.throughput,
@@ -95,14 +113,16 @@ class Evaluator:
             peak_memory_bytes=peak,
             performance=performance,
         )
+        return measurement, speedup
 
     def baseline(self, model: ModelArtifact) -> Measurement:
         """Measure the original model; its outputs become the fidelity reference."""
         session = self._session(model)
         self._reference = accuracy.predict(session, self.validation, self.serving_batch_size)
         result = self._score_outputs(self._reference)
-        measured = self._measure(model, session, result)
+        measured, _ = self._measure(model, session, result)
         self._baseline = measured.model_copy(update={"bottlenecks": self.bottlenecks(model)})
+        self._baseline_session = session
         return self._baseline
 
     def _require_baseline(self) -> Measurement:
@@ -133,19 +153,23 @@ class Evaluator:
         relative: bool,
         build_seconds: float,
     ) -> Candidate:
-        """Measure a candidate and judge it against the baseline and the budget."""
-        base = self._require_baseline()
+        """Measure a candidate and judge it against the baseline and the budget.
+
+        The speedup is the paired one (timed in rounds alternating with the baseline).
+        """
+        self._require_baseline()
         session = self._session(model)
-        measured = self._measure(model, session, self._score(model, session))
+        measured, paired = self._measure(model, session, self._score(model, session), self._baseline_session)
+        speedup = paired if paired is not None else 0.0
         drop = self.drop(measured.accuracy, relative)
-        accepted, reason = acceptance(drop, budget, measured.throughput, base.throughput)
+        accepted, reason = acceptance(drop, budget, speedup)
         return Candidate(
             **measured.model_dump(),
             name=name,
             techniques=techniques,
             passes=passes,
             accuracy_drop=drop,
-            speedup=measured.throughput / base.throughput if base.throughput else 0.0,
+            speedup=speedup,
             accepted=accepted,
             reason=reason,
             build_seconds=round(build_seconds, 3),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -11,7 +13,7 @@ from onnx import TensorProto, helper
 
 from optimizer.data import SampleData
 from optimizer.errors import InvalidModel
-from optimizer.evaluate.latency import fixed_batch_size, measure
+from optimizer.evaluate.latency import SLICE_WARMUP, fixed_batch_size, measure, measure_paired
 from optimizer.runtime import RuntimeOptions, create_session
 
 
@@ -75,3 +77,87 @@ def test_inference_failure_is_an_invalid_model(mlp_model: Path) -> None:
     wrong = SampleData({"x": np.ones((4, 7), np.float32)})  # 7 features where the model takes 16
     with pytest.raises(InvalidModel, match="inference failed"):
         measure(create_session(mlp_model), wrong, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# paired timing: a candidate against the baseline in alternating rounds
+
+
+def _matmul_chain(path: Path, width: int, depth: int) -> Path:
+    """``x[batch, 16]`` through ``depth`` MatMuls of ``width`` columns: more width, more work."""
+    rng = np.random.default_rng(0)
+    shapes = [(16, width)] + [(width, width)] * (depth - 1)
+    weights = [
+        helper.make_tensor(f"w{i}", TensorProto.FLOAT, s, rng.normal(size=s).astype(np.float32).ravel())
+        for i, s in enumerate(shapes)
+    ]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(depth)]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info(f"h{depth}", TensorProto.FLOAT, ["batch", width])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_paired_speedup_orders_a_light_and_a_heavy_model(tmp_path: Path, mlp_data: SampleData) -> None:
+    """The heavy model does about 2000x the multiply-adds of the light one: the paired speedup
+    says which is faster either way round (a direction, not a timing)."""
+    options = RuntimeOptions(intra_op_threads=1)
+    light = create_session(_matmul_chain(tmp_path / "light.onnx", 16, 1), options)
+    heavy = create_session(_matmul_chain(tmp_path / "heavy.onnx", 256, 3), options)
+    perf, faster = measure_paired(light, heavy, mlp_data, 32, min_iterations=10, max_seconds=0.05)
+    _, slower = measure_paired(heavy, light, mlp_data, 32, min_iterations=10, max_seconds=0.05)
+    assert faster > 2.0 and slower < 0.5
+    assert perf.batch_size == 32 and perf.iterations >= 10
+    assert 0 < perf.latency_ms.p50 <= perf.latency_ms.p99
+
+
+class _Machine:
+    """A host that gets four times slower after ``calls`` inference calls (a neighbour starts):
+    the fault the pairing is for. Both sessions run on it and are otherwise identical."""
+
+    def __init__(self, calls: int) -> None:
+        self.left = calls
+
+    def session(self) -> Any:
+        machine = self
+
+        class Session:
+            def get_inputs(self) -> list[Any]:
+                return []
+
+            def run(self, outputs: Any, feed: Any) -> list[np.ndarray]:
+                machine.left -= 1
+                time.sleep(0.002 if machine.left >= 0 else 0.008)
+                return [np.zeros(1)]
+
+        return Session()
+
+
+def test_paired_speedup_is_immune_to_a_machine_that_slows_down(mlp_data: SampleData) -> None:
+    per_round = 2 * (SLICE_WARMUP + 4)
+    machine = _Machine(calls=3 + 3 + 2 * per_round + per_round // 2)  # warm-ups, two rounds, half of the third
+    candidate, baseline = machine.session(), machine.session()
+    perf, speedup = measure_paired(candidate, baseline, mlp_data, 4, min_iterations=20, max_seconds=0.0)
+    assert perf.iterations == 20  # 5 rounds of 4 calls
+    assert 0.8 < speedup < 1.25, speedup  # the same model: about 1.0 despite the slowdown
+    # What the pairing avoids: timed one after the other, the same model looks 4x slower.
+    machine = _Machine(calls=3 + 20)
+    first, second = machine.session(), machine.session()
+    before = measure(first, mlp_data, 4, min_iterations=20, max_iterations=20, max_seconds=0.0)
+    after = measure(second, mlp_data, 4, min_iterations=20, max_iterations=20, max_seconds=0.0)
+    assert after.throughput / before.throughput < 0.5
+
+
+def test_paired_argument_checks(mlp_model: Path, mlp_data: SampleData) -> None:
+    session = create_session(mlp_model)
+    with pytest.raises(ValueError, match="rounds"):
+        measure_paired(session, session, mlp_data, 4, rounds=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_paired(session, session, mlp_data, 0)

@@ -40,24 +40,38 @@ def _candidate(name: str, acc: float, throughput: float, size: int, drop: float,
 
 
 def test_acceptance_needs_budget_and_speed() -> None:
-    assert acceptance(0.005, 0.01, 200, 100)[0]
-    ok, reason = acceptance(0.02, 0.01, 200, 100)
+    assert acceptance(0.005, 0.01, 2.0)[0]
+    assert acceptance(0.0, 0.01, 1.0)[0]
+    ok, reason = acceptance(0.02, 0.01, 2.0)
     assert not ok and "exceeds the budget" in reason
-    ok, reason = acceptance(0.0, 0.01, 90, 100)
-    assert not ok and "slower than the baseline" in reason
+    ok, reason = acceptance(0.0, 0.01, 0.9)
+    assert not ok and "slower than the baseline (0.90x" in reason
 
 
 def test_pareto_marks_only_non_dominated_points() -> None:
     base = _measurement(0.95, 100, 1000)
-    fast_small = _measurement(0.94, 300, 300)
-    dominated = _measurement(0.93, 250, 400)  # worse than fast_small on every axis
-    accurate = _measurement(0.96, 150, 900)
+    fast_small = _candidate("fast-small", 0.94, 300, 300, 0.01, True)
+    dominated = _candidate("dominated", 0.93, 250, 400, 0.02, True)  # worse than fast_small on every axis
+    accurate = _candidate("accurate", 0.96, 150, 900, -0.01, True)
     assert pareto_flags(base, [fast_small, dominated, accurate]) == [True, False, True]
+
+
+def test_pareto_and_choice_use_the_paired_speedup_not_the_raw_throughput() -> None:
+    """Raw throughputs come from different moments of the job; the speedup was timed against the
+    baseline in alternating rounds, so it decides."""
+    base = _measurement(0.95, 100, 1000)
+    early = _candidate("measured-while-quiet", 0.95, 300, 500, 0.0, True).model_copy(update={"speedup": 1.5})
+    late = _candidate("measured-while-busy", 0.95, 200, 500, 0.0, True).model_copy(update={"speedup": 2.5})
+    assert pareto_flags(base, [early, late]) == [False, True]
+    assert choose([early, late], "throughput").name == "measured-while-busy"  # type: ignore[union-attr]
 
 
 def test_pareto_respects_lower_is_better_metrics() -> None:
     base = _measurement(0.10, 100, 1000, higher=False)
-    worse_mse = _measurement(0.20, 100, 1000, higher=False)
+    worse_mse = _candidate("worse", 0.20, 100, 1000, 0.1, False)
+    worse_mse = worse_mse.model_copy(
+        update={"accuracy": worse_mse.accuracy.model_copy(update={"higher_is_better": False})}
+    )
     assert pareto_flags(base, [worse_mse]) == [False]
 
 
