@@ -49,9 +49,11 @@ test: lint unit container-test
 
 bench: $(STAMP)
 	$(PIP) install --quiet --disable-pip-version-check -e '.[torch,dev,bench]'
-	$(PY) bench/optimizer_bench.py --out bench/results
-	$(PY) bench/service_bench.py --out bench/results/service.json
-	$(PY) bench/serving_bench.py --out bench/results/serving.json
+	$(PY) bench/optimizer_bench.py --out bench/results --markdown bench/results/optimizer.md
+	$(PY) bench/service_bench.py --out bench/results/service.json --markdown bench/results/service.md
+	$(PY) bench/serving_bench.py --out bench/results/serving.json --markdown bench/results/serving.md
+	$(PY) bench/soak_bench.py --out bench/results/soak.json --markdown bench/results/soak.md
+	$(PY) bench/make_results.py
 
 gpu-check: $(STAMP)
 	bash scripts/gpu-check

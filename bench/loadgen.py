@@ -52,12 +52,19 @@ class LoadResult:
     concurrency: int | None = None
     offered_rate: float | None = None
     dispatch_lag_ms: dict[str, float] = field(default_factory=dict)
+    # open loop: latency percentiles per answer ("200", "503", "ConnectionResetError"...), from the
+    # scheduled time to the answer, whatever it was (how fast a refusal came, not only that it came)
+    by_status_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON (infinite latencies become null)."""
         data = asdict(self)
         for key in ("latency_ms", "dispatch_lag_ms"):
             data[key] = {k: (None if math.isinf(v) else v) for k, v in data[key].items()}
+        data["by_status_ms"] = {
+            status: {k: (None if math.isinf(v) else v) for k, v in figures.items()}
+            for status, figures in data["by_status_ms"].items()
+        }
         return data
 
 
@@ -282,6 +289,7 @@ async def _open(
     await asyncio.gather(*pending, return_exceptions=True)
     client.close()
     latencies, lags, statuses = [], [], []
+    answered: dict[str, list[float]] = {}
     for index in range(total):
         scheduled = start + index / rate
         if not begin <= scheduled < end:
@@ -290,6 +298,7 @@ async def _open(
         statuses.append(status)
         latencies.append((done - scheduled) * 1e3 if status == 200 else math.inf)
         lags.append((sent - scheduled) * 1e3)
+        answered.setdefault(str(status), []).append((done - scheduled) * 1e3)
     ok = sum(status == 200 for status in statuses)
     client_cpu, server = cpu.fractions()
     return LoadResult(
@@ -305,6 +314,7 @@ async def _open(
         server_cpu=server,
         offered_rate=rate,
         dispatch_lag_ms=percentiles(lags),
+        by_status_ms={status: percentiles(values) for status, values in sorted(answered.items())},
     )
 
 

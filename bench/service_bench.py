@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both benchmarks; print the markdown section; 0 unless the service could not be benchmarked."""
     from bench.optimizer_bench import machine_info
+    from bench.serving_report import publish
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -261,13 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             upload = bench_upload(url, pid, work, args.size_mb, args.uploads)
             status = bench_status(url, home, work, args.jobs, args.gets)
     machine["load_after"] = os.getloadavg()[0]
-    section = markdown(machine, upload, status, args)
-    print(section)
-    if args.markdown:
-        args.markdown.write_text(section)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine, "upload": upload, "status": status}, indent=2) + "\n")
+    publish(markdown(machine, upload, status, args), {"machine": machine, "upload": upload, "status": status},
+            args.markdown, args.out)  # fmt: skip
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 import subprocess
@@ -51,7 +50,7 @@ import numpy as np  # noqa: E402
 
 from bench import httpclient, kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
-from bench.serving_report import machine, markdown  # noqa: E402
+from bench.serving_report import machine, markdown, publish  # noqa: E402
 
 PARTS = ("efficiency", "overhead", "binary", "latency")
 #: The optimization job every upload runs: the cheapest recipe; version 1 (the original) is what we serve.
@@ -372,13 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if parts & {"overhead", "binary", "latency"}:
             results["mlp"] = parts_mlp(args, work, settings, parts)
     info["load_after"] = os.getloadavg()[0]
-    section = markdown(info, results)
-    print(section)
-    if args.markdown:
-        args.markdown.write_text(section)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": info, "results": results}, indent=2, default=str) + "\n")
+    publish(markdown(info, results), {"machine": info, "results": results}, args.markdown, args.out)
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Mapping, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 
@@ -21,6 +23,16 @@ def machine(argv: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     info["server_cpus"] = sorted(args.server_cpus or [])
     info["client_cpus"] = sorted(args.client_cpus or [])
     return info
+
+
+def publish(section: str, payload: Mapping[str, Any], markdown_path: Path | None, json_path: Path | None) -> None:
+    """Print a benchmark's markdown section; also write it and its figures (JSON) where asked."""
+    print(section)
+    if markdown_path:
+        markdown_path.write_text(section)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _status(ok: bool) -> str:
