@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from optimizer.runtime import RuntimeOptions
 from service.control import ControlPlane
-from service.errors import Unavailable
+from service.errors import ServiceError, Unavailable
 from service.jobs.store import JobStore
 from service.jobs.worker import Worker
 from service.metrics import JobMetrics, NvmlCollector, ServingMetrics, VersionObserver, build_registry
@@ -160,6 +160,19 @@ async def wait_for_schema(engine: Engine, stop: asyncio.Event, interval_s: float
         return True
 
 
+def _sweep_staging(services: Services) -> None:
+    """Remove upload parts a killed server left in the staging folder (see ``sweep_staging``)."""
+    from service.uploads import sweep_staging
+
+    try:
+        removed = sweep_staging(services.artifacts.staging_dir(), services.settings.upload_idle_seconds)
+    except ServiceError as exc:  # the store is unreachable: the upload route will say so
+        _log.warning("staging folder not swept: %s", exc)
+        return
+    if removed:
+        _log.info("removed %d staged upload part(s) left by an earlier server", removed)
+
+
 def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> FastAPI:
     """The ASGI application: the /v1 API, KServe v2 serving and (unless turned off) one in-process worker.
 
@@ -169,6 +182,7 @@ def create_app(settings: Settings | None = None, *, fast_path: bool = True) -> F
 
     settings = settings or Settings()
     services = build_services(settings, migrate_now=False)
+    _sweep_staging(services)
     try:  # at once when the database answers, so the API never sees a missing table
         migrate(services.engine)
         schema_current = True

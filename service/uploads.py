@@ -15,10 +15,12 @@ error, or if the caller is cancelled, every staged file is removed before the er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -225,6 +227,27 @@ class _Receiver:
                 sink.close()
             finally:
                 sink.path.unlink(missing_ok=True)
+
+
+def sweep_staging(staging_dir: Path, idle_seconds: float) -> int:
+    """Delete the ``.upload-*`` files in ``staging_dir`` that no upload will finish; how many.
+
+    A server killed mid-upload (SIGKILL, OOM, power) leaves its part files behind. A live upload
+    writes to its file at least every ``idle_seconds`` (slower ones are cut off) and a finished
+    one is published (renamed away) at once, so a file untouched for twice that long is dead, even
+    when another server shares the folder. Run at start; files that cannot be removed are left.
+    """
+    cutoff = time.time() - 2 * idle_seconds
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(staging_dir):
+            if not entry.name.startswith(".upload-"):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 def _staging_error(exc: OSError) -> ServiceError:

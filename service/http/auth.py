@@ -11,14 +11,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from service.errors import Forbidden, Unauthorized
 
 Scope = Literal["admin", "infer"]
+
+#: Declares the ``bearer`` security scheme in the OpenAPI schema (so clients and fuzzers know a key is
+#: needed); ``auto_error=False`` because :meth:`KeyRing.check` decides, from the raw header, what to refuse.
+_BEARER = HTTPBearer(scheme_name="bearer", auto_error=False, description="an API key: Authorization: Bearer <key>")
 
 
 def _digest(value: str) -> bytes:
@@ -73,13 +78,15 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
-def require(scope: Scope) -> Callable[[Request], Awaitable[None]]:
+def require(scope: Scope) -> Callable[..., Awaitable[None]]:
     """A FastAPI dependency: 401 without a valid key, 403 when the key lacks ``scope``.
 
     ``async`` because it does no I/O: FastAPI runs it on the event loop, not in a thread.
     """
 
-    async def check(request: Request) -> None:
+    async def check(
+        request: Request, _documented: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+    ) -> None:
         keys: KeyRing = request.app.state.keys
         keys.check(request.headers.get("authorization"), scope)
 

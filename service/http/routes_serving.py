@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
 
-from service.errors import Conflict
+from service.errors import BadRequest, Conflict, TooLarge
 from service.http.auth import require
 from service.http.routes_models import Name, Number, plane
 from service.http.routes_v2 import plane as dataplane
@@ -15,7 +16,27 @@ from service.jobconfig import check_name
 
 router = APIRouter(prefix="/v1/models", tags=["serving"])
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 503)}
-FeedbackItems = Annotated[list[dict[str, Any]], Body(max_length=10_000)]
+MAX_FEEDBACK_ITEMS = 10_000
+#: Bytes a feedback body may have (10 000 items of a short id and a small label fit easily).
+MAX_FEEDBACK_BYTES = 8 * 1024 * 1024
+_FEEDBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "array",
+                    "maxItems": MAX_FEEDBACK_ITEMS,
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "label"],
+                        "properties": {"id": {"type": "string"}, "label": {}},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @router.post(
@@ -51,16 +72,39 @@ async def rollback(request: Request, name: Name) -> ModelOut:
 
 @router.post(
     "/{name}/feedback",
-    responses=_ERRORS,
+    responses={**_ERRORS, 413: {"model": ErrorOut}},
     dependencies=[Depends(require("infer"))],
     summary='Ground truth for recent requests: [{"id": ..., "label": ...}]',
+    openapi_extra=_FEEDBACK_BODY,
 )
 async def feedback(
     request: Request,
     name: Name,
-    items: FeedbackItems,
     tolerance: Annotated[float, Query(ge=0)] = 1e-3,
 ) -> dict[str, int]:
     check_name(name)
+    items = await _feedback_items(request)
     result = dataplane(request).feedback(name, items, tolerance=tolerance)
     return {"correct": result.correct, "incorrect": result.incorrect, "unknown": result.unknown}
+
+
+async def _feedback_items(request: Request) -> list[dict[str, Any]]:
+    """The body as a list of objects, read here and not by FastAPI.
+
+    FastAPI parses a declared body before it runs the route's dependencies, so a malformed body sent
+    without a key was answered 400 instead of 401; reading it in the route keeps the key check first.
+    """
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FEEDBACK_BYTES:
+            raise TooLarge(f"the request body is larger than the limit of {MAX_FEEDBACK_BYTES} bytes")
+    try:
+        items = orjson.loads(bytes(body))
+    except orjson.JSONDecodeError:
+        raise BadRequest("body: JSON decode error") from None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise BadRequest('body: expected a JSON array of {"id": ..., "label": ...} objects')
+    if len(items) > MAX_FEEDBACK_ITEMS:
+        raise BadRequest(f"body: at most {MAX_FEEDBACK_ITEMS} feedback items per call")
+    return items

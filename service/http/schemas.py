@@ -105,3 +105,71 @@ class SubmitOut(BaseModel):
 
 class ErrorOut(BaseModel):
     error: str
+
+
+# -- KServe v2 (documentation only: the v2 routes answer raw orjson, these describe what they send) --------
+
+
+class LiveOut(BaseModel):
+    live: bool
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+
+
+class ModelReadyOut(BaseModel):
+    name: str
+    ready: bool
+    version: str | None = None
+
+
+class ServerMetadataOut(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadataOut(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataOut(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadataOut]
+    outputs: list[TensorMetadataOut]
+
+
+class InferTensor(BaseModel):
+    """One tensor of a request or a response (``data`` absent when it travels as a binary blob)."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferOutputIn(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequestIn(BaseModel):
+    """``POST /v2/models/{m}/infer`` as JSON (the binary tensor extension sends this header, then the blobs)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferTensor]
+    outputs: list[InferOutputIn] | None = None
+
+
+class InferResponseOut(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[InferTensor]

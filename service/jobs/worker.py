@@ -158,6 +158,7 @@ class Worker:
             options = JobConfig.model_validate(job.config).optimize_config().model_dump(mode="json")
         except (ValidationError, OptimizerError) as exc:
             return self._fail(claim, f"invalid job config: {_reason(exc)}")
+        self._clear_earlier_attempts(claim)
         try:
             inputs = self._download(claim, folder / "in")
         except _Unusable as exc:
@@ -207,6 +208,27 @@ class Worker:
         if reason in ("lost", "cancel"):  # the result is not wanted any more
             return self._stopped(claim, lease)
         return self._publish(claim, out, summary, early.ref)
+
+    def _clear_earlier_attempts(self, claim: Claim) -> None:
+        """Delete what earlier attempts of this job uploaded: they died before committing (SIGKILL, a
+        lost host), so no row points at their outputs; an early original stays if version 1 uses it.
+
+        Safe against a zombie of an earlier attempt: its lease is gone, so it can no longer commit,
+        and it deletes its own prefix when it finds out. Best effort (deletion failures are logged).
+        """
+        job = claim.job
+        if job.attempts <= 1:
+            return
+        base = f"models/{job.storage_prefix}/jobs/{job.id}"
+        try:
+            used = {ref.key for ref in self.catalog.get_version(job.model_name, 1).files.values()}
+        except NotFound:
+            used = set()
+        for attempt in range(1, job.attempts):
+            self.artifacts.delete_prefix(f"{base}/{attempt}")
+            early = f"{base}/early-{attempt}/"
+            if not any(key.startswith(early) for key in used):
+                self.artifacts.delete_prefix(early)
 
     def _download(self, claim: Claim, folder: Path) -> tuple[Path, Path] | None:
         """Version 1's model and data into ``folder``, checksums verified; None when the model is gone."""

@@ -242,12 +242,16 @@ def _input_header(item: Any, index: int, limits: CodecLimits) -> _InputHeader:
     if len(shape) > limits.max_rank:
         raise ProtocolError(f"{label}: shape has {len(shape)} dimensions, over the limit of {limits.max_rank}")
     count = 1
+    span = 1  # the product of the non-zero dims: numpy refuses to build even an empty array past intp
     for dim in shape:
         if not _is_count(dim):
             raise ProtocolError(f"{label}: shape dimensions must be non-negative integers, got {_show(dim)}")
         count *= dim  # Python integers: no overflow; bounded below before anything is allocated
+        span *= max(dim, 1)
     if count > limits.max_elements:
         raise ProtocolError(f"{label}: shape {_show(shape)} holds more than {limits.max_elements} elements")
+    if span > limits.max_elements:
+        raise ProtocolError(f"{label}: shape {_show(shape)} spans more than {limits.max_elements} elements")
     parameters = _parameters(item.get("parameters"), label)
     size = parameters.get("binary_data_size")
     if size is not None and not _is_count(size):

@@ -61,7 +61,7 @@ def test_chosen_model_is_the_reported_one(optimized: Path, digits: tuple[Path, P
         assert report.chosen == "baseline"
         return
     assert chosen.accepted and chosen.accuracy_drop <= report.budget.max_accuracy_drop
-    assert chosen.throughput >= report.baseline.throughput
+    assert chosen.speedup >= 1.0  # timed against the baseline in alternating rounds (raw throughputs are not)
     assert (optimized / "model.onnx").stat().st_size == chosen.size_bytes
     # the published model really runs and agrees with the reported accuracy class of results
     _, data = digits

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from service.errors import BadRequest, StorageFull, TooLarge
-from service.uploads import FLUSH_BYTES, StagedUpload, UploadLimits, receive_upload
+from service.uploads import FLUSH_BYTES, StagedUpload, UploadLimits, receive_upload, sweep_staging
 from tests.tmpfs import small_tmpfs
 
 LIMITS = UploadLimits(model_bytes=8 << 20, data_bytes=1 << 20, config_bytes=1024)
@@ -361,3 +362,19 @@ def test_a_stalled_upload_is_cut_off_and_leaves_nothing(staging: Path) -> None:
         receive(stalling(), staging, limits=limits)
     assert list(staging.iterdir()) == []
     receive(body_of(*GOOD_PARTS), staging).cleanup()
+
+
+def test_sweep_staging_removes_only_dead_upload_parts(tmp_path: Path) -> None:
+    """Parts untouched for twice the idle timeout go; fresh parts, other files and folders stay."""
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    dead, fresh, other = staging / ".upload-a.model", staging / ".upload-b.data", staging / "keep.txt"
+    for path in (dead, fresh, other):
+        path.write_bytes(b"x")
+    (staging / ".upload-dir").mkdir()
+    old = time.time() - 130
+    os.utime(dead, (old, old))
+    os.utime(other, (old, old))
+    assert sweep_staging(staging, idle_seconds=60) == 1
+    assert not dead.exists() and fresh.exists() and other.exists() and (staging / ".upload-dir").is_dir()
+    assert sweep_staging(tmp_path / "missing", idle_seconds=60) == 0

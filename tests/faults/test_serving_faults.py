@@ -7,6 +7,9 @@ shape with a spin loop: ``x[batch, 16] -> x @ w``, plus a Loop that runs ``max(x
 iterations (about 2 µs each) and adds nothing. Normal inputs are instant; a request holding
 ``1000 + SPINS`` keeps the version's single batch slot busy for a few seconds, so the tests can
 hold a batch in flight and queue requests behind it without relying on timing.
+
+Every test ends with the four invariants (tests/faults/invariants.py) on its server's home, with the
+seed's acknowledged uploads in the ledger.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.e2e.conftest import MlpFiles, assert_error, metric, serving, settings_env, upload_and_wait, version_rows
+from tests.faults.invariants import Exemptions, Ledger, assert_invariants
 from tests.serverproc import Proc, start_server, wait_for
 
 FEATURES = 16
@@ -99,6 +103,7 @@ class Seed:
 
     home: Path
     sessions: dict[tuple[str, int], ort.InferenceSession]
+    ledger: Ledger
 
     def expected(self, model: str, version: int, x: np.ndarray) -> np.ndarray:
         """What ONNX Runtime computes here with that version's stored model file."""
@@ -117,7 +122,10 @@ def seed(tmp_path_factory: pytest.TempPathFactory, mlp_files: MlpFiles) -> Seed:
     slow = slow_onnx(folder / "slow.onnx")
     home = folder / "seed"
     with serving(home, drain_seconds="0", poll_seconds="0.2") as proc:
-        upload_and_wait(proc.url, [("m", mlp_files.model), ("slow", slow)], mlp_files.data)
+        jobs = upload_and_wait(proc.url, [("m", mlp_files.model), ("slow", slow)], mlp_files.data)
+    ledger = Ledger()
+    for job, model in zip(jobs, (mlp_files.model, slow), strict=True):
+        ledger.add(job["model"], job["id"], model, mlp_files.data)
     sessions = {
         (name, version): ort.InferenceSession(
             str(model_file(home, name, version)[0]), providers=["CPUExecutionProvider"]
@@ -125,13 +133,20 @@ def seed(tmp_path_factory: pytest.TempPathFactory, mlp_files: MlpFiles) -> Seed:
         for name in ("m", "slow")
         for version in (1, 2)
     }
-    return Seed(home, sessions)
+    return Seed(home, sessions, ledger)
+
+
+#: The acknowledged uploads of each fault server's home (the seed's, then the checks' own), by home.
+LEDGERS: dict[str, Ledger] = {}
 
 
 @contextlib.contextmanager
 def fault_server(seed: Seed, folder: Path, **settings: str) -> Iterator[Proc]:
     """A server on a copy of the seed with ``settings``, once both models' default versions answer."""
-    with serving(seed.copy(folder / "home"), **{**BASE, **settings}) as proc:
+    home = seed.copy(folder / "home")
+    LEDGERS[str(home)] = seed.ledger.copy()
+    with serving(home, **{**BASE, **settings}) as proc:
+        proc.extra["home"] = str(home)
         wait_for(lambda: all(answers(proc.url, f"/v2/models/{m}/ready") for m in ("m", "slow")), timeout=60)
         yield proc
 
@@ -255,8 +270,14 @@ def burst_server(seed: Seed, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield proc
 
 
+def check_invariants(server: Proc, mlp_files: MlpFiles) -> None:
+    """The four invariants on a running fault server (it has no worker: the check starts one for its fresh job)."""
+    home = server.extra["home"]
+    assert_invariants(Path(home), LEDGERS[home], mlp_files, server=server, worker_running=False)
+
+
 @pytest.mark.slow
-def test_queue_full_answers_503_at_once_and_the_rest_200(seed: Seed, burst_server: Proc) -> None:
+def test_queue_full_answers_503_at_once_and_the_rest_200(seed: Seed, burst_server: Proc, mlp_files: MlpFiles) -> None:
     inputs = [rows(1, seed=100 + i) for i in range(50)]
     with client_for(burst_server.url) as http, ThreadPoolExecutor(51) as pool:
         before = scrape(http)
@@ -283,10 +304,13 @@ def test_queue_full_answers_503_at_once_and_the_rest_200(seed: Seed, burst_serve
         assert metric(after, "slimserve_inference_queue_depth", model="slow", version="2") == 0
         x = rows(2, seed=7)
         assert_right(seed, "slow", post(http, "slow", x), x)
+    check_invariants(burst_server, mlp_files)
 
 
 @pytest.mark.slow
-def test_hot_swap_lets_the_running_batch_finish_on_the_old_version(seed: Seed, burst_server: Proc) -> None:
+def test_hot_swap_lets_the_running_batch_finish_on_the_old_version(
+    seed: Seed, burst_server: Proc, mlp_files: MlpFiles
+) -> None:
     with client_for(burst_server.url) as http:
         try:
             with ThreadPoolExecutor(2) as pool:
@@ -303,6 +327,7 @@ def test_hot_swap_lets_the_running_batch_finish_on_the_old_version(seed: Seed, b
             assert now.at < slow.at, "the new default waited for the old version's batch"
         finally:
             http.post("/v1/models/slow/versions/2/deploy")
+    check_invariants(burst_server, mlp_files)
 
 
 # --------------------------------------------------------------------------- request timeouts
@@ -318,7 +343,9 @@ def timeout_server(seed: Seed, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.mark.slow
-def test_burst_past_its_timeout_is_503_and_never_executed(seed: Seed, timeout_server: Proc) -> None:
+def test_burst_past_its_timeout_is_503_and_never_executed(
+    seed: Seed, timeout_server: Proc, mlp_files: MlpFiles
+) -> None:
     """On ``m``'s version 1 (the float original: a row's result does not depend on its batch-mates)."""
     n = 10
     inputs = [rows(1, seed=200 + i) for i in range(n)]
@@ -346,10 +373,13 @@ def test_burst_past_its_timeout_is_503_and_never_executed(seed: Seed, timeout_se
         assert sum1 - sum0 == codes[200], "rows executed differ from requests answered 200"
         full = rows(4, seed=8)  # a full batch starts at once: the server is fine
         assert_right(seed, "m", post(http, "m", full, version=1), full)
+    check_invariants(timeout_server, mlp_files)
 
 
 @pytest.mark.slow
-def test_requests_timed_out_behind_a_running_batch_never_run_later(seed: Seed, timeout_server: Proc) -> None:
+def test_requests_timed_out_behind_a_running_batch_never_run_later(
+    seed: Seed, timeout_server: Proc, mlp_files: MlpFiles
+) -> None:
     with client_for(timeout_server.url) as http:
         count0, sum0 = batches(http, "slow")
         with ThreadPoolExecutor(9) as pool:
@@ -365,6 +395,7 @@ def test_requests_timed_out_behind_a_running_batch_never_run_later(seed: Seed, t
         assert_right(seed, "slow", post(http, "slow", x), x)
         count1, sum1 = batches(http, "slow")
         assert (count1 - count0, sum1 - sum0) == (2, 8), "the timed-out requests were executed after all"
+    check_invariants(timeout_server, mlp_files)
 
 
 # --------------------------------------------------------------------------- a version that fails to load
@@ -432,11 +463,14 @@ def while_hammering(
 
 
 @pytest.mark.slow
-def test_a_version_that_fails_to_load_leaves_the_old_one_serving(seed: Seed, tmp_path: Path) -> None:
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(
+    seed: Seed, tmp_path: Path, mlp_files: MlpFiles
+) -> None:
     """``m``: version 1's file corrupted on disk, then deployed over version 2. ``slow``: its default (version 2)
     is not a valid model (checksum intact), so version 1 stands in, and deploying 2 again fails the same way."""
     home = seed.copy(tmp_path / "home")
-    flip_bytes(model_file(home, "m", 1)[0])
+    corrupted, ref = model_file(home, "m", 1)
+    flip_bytes(corrupted)
     truncate_keeping_the_row_consistent(home, "slow", 2)
     with serving(home, **BASE) as server, client_for(server.url) as http:
         wait_for(
@@ -463,13 +497,18 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(seed: Seed, tmp
         for name in ("m", "slow"):
             assert http.get(f"/v1/models/{name}").json()["default_version"] == 2, "a failed deploy moved the default"
         assert "Traceback" not in server.output()
+        # the flipped file is the fault itself: its bytes no longer match its row, on purpose
+        exempt = Exemptions(tampered=frozenset({ref["key"]}))
+        assert_invariants(home, seed.ledger.copy(), mlp_files, server=server, worker_running=False, exempt=exempt)
 
 
 # --------------------------------------------------------------------------- SIGTERM
 
 
 @pytest.mark.slow
-def test_sigterm_goes_unready_finishes_in_flight_refuses_the_rest_and_exits_0(seed: Seed, tmp_path: Path) -> None:
+def test_sigterm_goes_unready_finishes_in_flight_refuses_the_rest_and_exits_0(
+    seed: Seed, tmp_path: Path, mlp_files: MlpFiles
+) -> None:
     home = seed.copy(tmp_path / "home")
     server = start_server(home, env=settings_env(**{**BASE, "drain_seconds": "2"}))
     url = server.url
@@ -507,3 +546,4 @@ def test_sigterm_goes_unready_finishes_in_flight_refuses_the_rest_and_exits_0(se
     finally:
         server.kill()
         print(f"--- server log ---\n{server.output()[-4000:]}")
+    assert_invariants(home, seed.ledger.copy(), mlp_files)

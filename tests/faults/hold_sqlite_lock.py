@@ -1,6 +1,6 @@
 """Hold an SQLite write lock (``BEGIN IMMEDIATE``) on a database file until stdin gets a line.
 
-Prints ``locked`` once the lock is held. Run as ``python -m tests.e2e.hold_sqlite_lock DB_PATH``.
+Prints ``locked`` once the lock is held. Run as ``python -m tests.faults.hold_sqlite_lock DB_PATH``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The job's artifacts are already written to the store then, and no row points at them yet: the
 fault RELIABILITY.md calls "SIGKILL after the artifact is written but before the job is marked
-done". Run as ``python -m tests.e2e.kill_on_succeed`` with the service's environment.
+done". Run as ``python -m tests.faults.kill_on_succeed`` with the service's environment.
 """
 
 from __future__ import annotations

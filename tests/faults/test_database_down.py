@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import MlpFiles, job_config, upload
+from tests.faults.invariants import Ledger, assert_invariants
 from tests.pg import PostgresServer, own_postgres
 from tests.serverproc import running, start_server, wait_for, wait_job
 
@@ -54,5 +55,8 @@ def test_unreachable_database_at_start_is_live_not_ready_until_it_answers(
         wait_for(lambda: status(server.url, "/v2/health/ready") == 200, timeout=60)
         response = upload(server.url, mlp_files.model, mlp_files.data, job_config("after-outage"))
         assert response.status_code == 202, response.text
+        ledger = Ledger()
+        ledger.acknowledged(response, "after-outage", mlp_files.model, mlp_files.data)
         job = wait_job(server.url, response.json()["job"]["id"])
         assert job["status"] == "succeeded", job
+        assert_invariants(home, ledger, mlp_files, server=server, database_url=database_url)
