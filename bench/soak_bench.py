@@ -10,8 +10,8 @@ with JSON requests of one sample.
 1. Peak: ``--concurrency`` closed loops for ``--peak-seconds``; requests per second.
 2. Soak: an open loop at ``--fraction`` of that peak for ``--duration`` seconds (constant rate,
    latency from the scheduled send time, so a stall is counted, not hidden), while a thread uploads
-   a model every ``--upload-every`` seconds and follows its optimization job to the end: uploads
-   and inference together. Every ``--sample-every`` seconds the server's resident memory and open
+   a model every ``--upload-every`` seconds, follows its optimization job to the end and deletes
+   it again: uploads and inference together. Every ``--sample-every`` seconds the server's resident memory and open
    file descriptors are recorded (its process only: a job's optimization runs in a child process
    that exits; sockets counted apart, they follow the client's connections). Targets: zero failed
    requests, uploads and jobs; RSS growth under 5% and no growth of the other descriptors from
@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 from bench import kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
 from bench.serving_bench import JOB, build_mlp, check, pin_self, session_for  # noqa: E402
+from service.client import SlimserveClient  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.05
 REFUSAL_P99_MS = 100.0
@@ -84,7 +85,8 @@ class Sampler(threading.Thread):
 
 
 class Uploader(threading.Thread):
-    """Uploads a model every ``every`` seconds and follows each job to its end, until stopped."""
+    """Uploads a model every ``every`` seconds, follows each job to its end and deletes the model
+    (a served model's session is memory the server rightly holds, not a leak), until stopped."""
 
     def __init__(self, url: str, model: Path, data: Path, every: float) -> None:
         super().__init__(daemon=True)
@@ -102,6 +104,8 @@ class Uploader(threading.Thread):
             try:
                 job = procs.upload(self.url, self.model, self.data, {"name": f"soak-{count}", **JOB}, timeout_s=300)
                 outcome = str(job.get("status"))
+                with SlimserveClient(self.url, timeout=60) as client:  # else every upload adds a served model
+                    client.delete(f"soak-{count}")
             except Exception as exc:  # recorded, not hidden: every outcome is counted and the first kept
                 outcome = "failed" if isinstance(exc, RuntimeError) else type(exc).__name__
                 self.first_error = self.first_error or str(exc)[:300]

@@ -116,6 +116,8 @@ def child_main(config: dict[str, Any]) -> None:
     if config["memory_bytes"] is not None:
         limit = clamp_to_hard_limit(int(config["memory_bytes"]))
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if config.get("nice"):
+        os.nice(int(config["nice"]))  # inherited by every thread and process the call starts
     if config.get("event_fd") is not None:
         _event_fd = int(config["event_fd"])
     try:

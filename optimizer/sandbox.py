@@ -113,6 +113,8 @@ class SandboxLimits(BaseModel):
     program to ONNX on CPU needs about 1.5 GiB of it), so the default is 8 GiB; None means no cap
     (CUDA reserves huge address ranges, so GPU workers may need that). ``timeout_s`` is wall-clock time from launch.
     ``cpu_threads`` sets the usual thread-count variables (OMP, MKL, OpenBLAS) in the child.
+    ``nice`` lowers the child's CPU priority by that much (0: unchanged): a background
+    optimization then yields the CPU to latency-sensitive work on the same machine (serving).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -120,6 +122,7 @@ class SandboxLimits(BaseModel):
     memory_bytes: int | None = Field(default=8 * 1024**3, gt=0)
     timeout_s: float = Field(default=600.0, gt=0)
     cpu_threads: int | None = Field(default=None, ge=1)
+    nice: int = Field(default=0, ge=0, le=19)
 
 
 class SandboxCrashed(SandboxError):
@@ -242,6 +245,7 @@ def _run_child(private: Path, call_path: Path, work: Path, limits: SandboxLimits
         "result_fd": write_fd,
         "event_fd": event_write if event_write >= 0 else None,
         "memory_bytes": limits.memory_bytes,
+        "nice": limits.nice,
         "parent_pid": os.getpid(),
     }
     config_path = private / "config.json"

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     job_timeout_seconds: float = Field(3600.0, gt=0, description="wall-time limit of one optimization child")
     job_memory_bytes: int | None = Field(16 * 1024**3, gt=0, description="the child's address-space limit")
     job_cpu_threads: int | None = Field(None, ge=1, description="thread count for the child's math libraries")
+    job_nice: int = Field(10, ge=0, le=19, description="the child's CPU priority drop: serving keeps the CPU")
     serve_models: bool = Field(True, description="`slimserve serve` serves every ready version over KServe v2")
     max_batch_size: int = Field(32, ge=1, le=4096, description="dynamic batching: rows per batch")
     preferred_batch_size: Annotated[list[int], NoDecode] = Field(

@@ -183,6 +183,7 @@ class Worker:
             memory_bytes=self.settings.job_memory_bytes,
             timeout_s=self.settings.job_timeout_seconds,
             cpu_threads=self.settings.job_cpu_threads,
+            nice=self.settings.job_nice,
         )
         try:
             summary = run_isolated(

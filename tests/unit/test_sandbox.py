@@ -168,11 +168,33 @@ def test_unpicklable_function_is_refused() -> None:
         run_isolated(lambda: 1)
 
 
+def niceness() -> dict[str, int]:
+    """The child's nice value, and a thread's it starts (threads inherit it)."""
+    import threading
+
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(os.nice(0)))
+    thread.start()
+    thread.join()
+    return {"main": os.nice(0), "thread": seen[0]}
+
+
+def test_nice_lowers_the_childs_priority_only() -> None:
+    """A background optimization yields the CPU to serving: the child (and its threads) run at the
+    asked nice value on top of the parent's, and the parent's own priority is unchanged."""
+    parent = os.nice(0)
+    assert run_isolated(niceness, limits=SandboxLimits(nice=7)) == {"main": parent + 7, "thread": parent + 7}
+    assert run_isolated(niceness) == {"main": parent, "thread": parent}
+    assert os.nice(0) == parent
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError):
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError):
         SandboxLimits(memory_bytes=-1)
+    with pytest.raises(ValueError):
+        SandboxLimits(nice=20)
 
 
 def optimizer_package_file() -> str:
