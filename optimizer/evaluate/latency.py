@@ -64,16 +64,8 @@ def measure(
     Returns p50/p95/p99/mean per-call latency in milliseconds, throughput in samples per second
     (batch size over the mean call time) and the number of timed iterations.
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    if min_iterations < 1 or max_iterations < min_iterations:
-        raise ValueError("need 1 <= min_iterations <= max_iterations")
-    if len(data) == 0:
-        raise ValueError("no samples to time")
-    size = fixed_batch_size(session) or batch_size
-    feed = data.batch(size)
-    for _ in range(max(warmup, 0)):
-        run_feed(session, feed)
+    _check(data, batch_size, min_iterations, max_iterations)
+    feed, size = _warm(session, data, batch_size, warmup)
     return _performance(size, _timed(session, feed, min_iterations, max_iterations, max_seconds))
 
 
@@ -102,19 +94,10 @@ def measure_paired(
     throughput in that round (batch size over the slice's median call time, so a call that lost
     the CPU to another process does not decide a round).
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    if rounds < 1 or min_iterations < 1 or max_iterations < min_iterations:
-        raise ValueError("need rounds >= 1 and 1 <= min_iterations <= max_iterations")
-    if len(data) == 0:
-        raise ValueError("no samples to time")
-    sides = []
-    for timed in (session, reference):
-        size = fixed_batch_size(timed) or batch_size
-        feed = data.batch(size)
-        for _ in range(max(warmup, 0)):
-            run_feed(timed, feed)
-        sides.append((timed, feed, size))
+    if rounds < 1:
+        raise ValueError("need rounds >= 1")
+    _check(data, batch_size, min_iterations, max_iterations)
+    sides = [(timed, *_warm(timed, data, batch_size, warmup)) for timed in (session, reference)]
     least, most = max(1, -(-min_iterations // rounds)), max(1, max_iterations // rounds)
     slice_seconds = max_seconds / rounds
     durations: list[float] = []
@@ -131,6 +114,26 @@ def measure_paired(
                 durations.extend(taken)
         ratios.append((sides[0][2] / max(typical[0], 1e-9)) / (sides[1][2] / max(typical[1], 1e-9)))
     return _performance(sides[0][2], durations), float(np.median(ratios))
+
+
+def _check(data: SampleData, batch_size: int, min_iterations: int, max_iterations: int) -> None:
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if min_iterations < 1 or max_iterations < min_iterations:
+        raise ValueError("need 1 <= min_iterations <= max_iterations")
+    if len(data) == 0:
+        raise ValueError("no samples to time")
+
+
+def _warm(
+    session: ort.InferenceSession, data: SampleData, batch_size: int, warmup: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """The feed to time (the model's fixed batch if it has one) and its size, after ``warmup`` calls."""
+    size = fixed_batch_size(session) or batch_size
+    feed = data.batch(size)
+    for _ in range(max(warmup, 0)):
+        run_feed(session, feed)
+    return feed, size
 
 
 def _timed(
