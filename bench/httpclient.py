@@ -32,6 +32,7 @@ class Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.headers: dict[str, str] = {}
         self.broken = False
+        self.used_at = loop.time()
 
     # asyncio.Protocol callbacks
 
@@ -92,15 +93,21 @@ class Connection(asyncio.Protocol):
 
 
 class Client:
-    """Keep-alive connections to one ``http://host:port``: at most ``limit`` open, idle ones reused."""
+    """Keep-alive connections to one ``http://host:port``: at most ``limit`` open, idle ones reused.
 
-    def __init__(self, base_url: str, limit: int) -> None:
+    A connection idle for more than ``max_idle_s`` is closed instead of reused, as HTTP clients and
+    proxies do: the server may be closing it at that very moment (its keep-alive timeout), and a
+    request sent into that race is answered with a reset, an error the server did not make.
+    """
+
+    def __init__(self, base_url: str, limit: int, max_idle_s: float = 2.0) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError("the load generator speaks plain http://host:port only")
         self.host, self.port = parts.hostname, parts.port or 80
         self.netloc = parts.netloc
         self.limit = limit
+        self.max_idle_s = max_idle_s
         self.open = 0
         self.idle: list[Connection] = []
         self.waiters: list[asyncio.Future[None]] = []
@@ -126,9 +133,12 @@ class Client:
             self.waiters.append(waiter)
             await waiter
         connection = None
+        now = asyncio.get_running_loop().time()
         while self.idle and connection is None:
             connection = self.idle.pop()
-            if connection.broken:  # the server closed it while idle (keep-alive timeout)
+            if connection.broken or now - connection.used_at > self.max_idle_s:  # closed, or about to be
+                if connection.transport is not None:
+                    connection.transport.close()
                 connection, self.open = None, self.open - 1
         if connection is None:
             self.open += 1
@@ -145,6 +155,7 @@ class Client:
         if connection.broken:
             self.open -= 1
         else:
+            connection.used_at = asyncio.get_running_loop().time()
             self.idle.append(connection)
         self._wake()
         return response

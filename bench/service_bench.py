@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from bench.serving_procs import slimserve  # noqa: E402 - after the path fix above
+from bench.serving_report import add_output_args, publish  # noqa: E402
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -239,15 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--uploads", type=int, default=3, help="timed uploads of the big model")
     parser.add_argument("--jobs", type=int, default=20, help="running jobs during the latency test")
     parser.add_argument("--gets", type=int, default=2000, help="sequential GET /v1/jobs/{id} to time")
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    parser.add_argument("--markdown", type=Path, help="also write the markdown section to this file")
+    add_output_args(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both benchmarks; print the markdown section; 0 unless the service could not be benchmarked."""
     from bench.optimizer_bench import machine_info
-    from bench.serving_report import publish
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 
 from bench import httpclient, kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
-from bench.serving_report import machine, markdown, publish  # noqa: E402
+from bench.serving_report import add_output_args, machine, markdown, publish  # noqa: E402
 
 PARTS = ("efficiency", "overhead", "binary", "latency")
 #: The optimization job every upload runs: the cheapest recipe; version 1 (the original) is what we serve.
@@ -339,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a setting for every slimserve server (repeatable)",
     )
     parser.add_argument("--litserve-python", default=sys.executable, help="the Python that has litserve installed")
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    parser.add_argument("--markdown", type=Path, help="also write the markdown section to this file")
+    add_output_args(parser)
     return parser
 
 

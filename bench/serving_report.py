@@ -25,6 +25,12 @@ def machine(argv: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``--out`` (the figures as JSON) and ``--markdown`` (the section), as every benchmark takes them."""
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--markdown", type=Path, help="also write the markdown section to this file")
+
+
 def publish(section: str, payload: Mapping[str, Any], markdown_path: Path | None, json_path: Path | None) -> None:
     """Print a benchmark's markdown section; also write it and its figures (JSON) where asked."""
     print(section)
@@ -35,11 +41,11 @@ def publish(section: str, payload: Mapping[str, Any], markdown_path: Path | None
         json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _status(ok: bool) -> str:
+def status(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
     return "inf" if value is None else f"{value:.1f}"
 
 
@@ -75,7 +81,7 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
         lines.append(
             f"| 1 | BERT encoder, batch-32 binary requests, c={served['concurrency']}: served vs in-process ORT "
             f"samples/s | {served['samples_per_s']:.1f} vs {eff['inprocess_samples_per_s']:.1f} "
-            f"({eff['ratio']:.0%}) | >= 90% | {_status(eff['ratio'] >= 0.9)} |"
+            f"({eff['ratio']:.0%}) | >= 90% | {status(eff['ratio'] >= 0.9)} |"
         )
     mlp = results.get("mlp", {})
     if "litserve_mlp_json" in mlp and "slimserve_mlp_json" in mlp:
@@ -86,9 +92,9 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
         lines += [
             f"| 2 | MLP 64-256-256-10, JSON, batch 1, c={ours['concurrency']}: slimserve vs LitServe requests/s "
             f"| {ours['requests_per_s']:.0f} vs {theirs['requests_per_s']:.0f} ({ratio:.1f}x) | >= 4x | "
-            f"{_status(ratio >= 4)} |",
-            f"| 2 | same: p99 latency slimserve vs LitServe | {_ms(p99_ours)} vs {_ms(p99_theirs)} ms | lower | "
-            f"{_status(lower)} |",
+            f"{status(ratio >= 4)} |",
+            f"| 2 | same: p99 latency slimserve vs LitServe | {ms(p99_ours)} vs {ms(p99_theirs)} ms | lower | "
+            f"{status(lower)} |",
         ]
     if "slimserve_wide_binary" in mlp:
         binary, plain = mlp["slimserve_wide_binary"], mlp["slimserve_wide_json"]
@@ -97,7 +103,7 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
             f"| 3 | MLP with a 64 KB input (16384 FP32), c={binary['concurrency']}: binary vs JSON requests/s "
             f"({binary['body_bytes'] / 1e3:.0f} vs {plain['body_bytes'] / 1e3:.0f} kB bodies) | "
             f"{binary['requests_per_s']:.0f} vs {plain['requests_per_s']:.0f} ({ratio:.1f}x) | >= 1.5x | "
-            f"{_status(ratio >= 1.5)} |"
+            f"{status(ratio >= 1.5)} |"
         )
     if "latency" in mlp:
         lat = mlp["latency"]
@@ -105,9 +111,9 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
         compute_ms, bound = lat["compute"]["batch_ms_median"], lat["bound_ms"]
         lines.append(
             f"| 4 | MLP JSON open loop at {opened['offered_rate']:.0f} req/s (half of "
-            f"{lat['peak_requests_per_s']:.0f}): p99 | {_ms(p99)} ms | <= {lat['max_queue_delay_ms']:.1f} ms queue "
+            f"{lat['peak_requests_per_s']:.0f}): p99 | {ms(p99)} ms | <= {lat['max_queue_delay_ms']:.1f} ms queue "
             f"delay + 2 x {compute_ms:.2f} ms (batch {lat['max_batch_size']}) = {bound:.1f} ms | "
-            f"{_status(p99 is not None and p99 <= bound)} |"
+            f"{status(p99 is not None and p99 <= bound)} |"
         )
     lines += [
         "",
@@ -124,7 +130,7 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
         server_cpu = "-" if run["server_cpu"] is None else f"{run['server_cpu']:.0%}"
         lines.append(
             f"| {name} | {run['requests_per_s']:.1f} | {run['samples_per_s']:.1f} | "
-            f"{_ms(lat.get('p50'))} / {_ms(lat.get('p90'))} / {_ms(lat.get('p99'))} / {_ms(lat.get('max'))} | "
+            f"{ms(lat.get('p50'))} / {ms(lat.get('p90'))} / {ms(lat.get('p99'))} / {ms(lat.get('max'))} | "
             f"{run['errors'] or '-'} | {run['client_cpu']:.0%} | {server_cpu} | {_means(run.get('server_means'))} |"
         )
     if eff:

@@ -9,6 +9,7 @@ import argparse
 import gc
 import ipaddress
 import logging
+import math
 import signal
 import sys
 import threading
@@ -73,7 +74,7 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
-        timeout_keep_alive=5,
+        timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
         server_header=False,
     )
     # Everything built so far lives as long as the process: keep it out of the cyclic collector's

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="`slimserve serve` bind address (non-loopback needs an API key)")
     port: int = Field(8000, ge=0, le=65535, description="`slimserve serve` port")
+    keep_alive_seconds: float = Field(
+        75.0, gt=0, description="idle HTTP connections close after this: above any proxy's idle timeout"
+    )
     run_worker: bool = Field(True, description="`slimserve serve` also runs one in-process worker")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest model upload (413 past it)")
     max_data_bytes: int = Field(512 * 1024**2, gt=0, description="largest sample-data upload (413 past it)")

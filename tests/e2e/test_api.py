@@ -8,8 +8,10 @@ and idempotent uploads without spending time on optimizations.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +54,10 @@ def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    """Admin and infer keys, no worker (jobs stay queued), no docs."""
+    """Admin and infer keys, no worker (jobs stay queued), no docs, idle connections kept 2 s."""
     home = tmp_path_factory.mktemp("api-keyed") / "home"
-    with serving(home, admin_keys=ADMIN, infer_keys=INFER, run_worker="false", docs_enabled="false") as proc:
+    settings = {"admin_keys": ADMIN, "infer_keys": INFER, "run_worker": "false", "docs_enabled": "false"}
+    with serving(home, **settings, keep_alive_seconds="2") as proc:
         proc.extra["home"] = str(home)
         yield proc
 
@@ -382,3 +385,25 @@ def test_refuses_a_public_bind_without_a_key(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert "refus" in lines[0].lower() and "key" in lines[0].lower()
     assert "Traceback" not in result.stderr
+
+
+def test_idle_keep_alive_connections_close_after_the_setting(keyed_server: Proc) -> None:
+    """``SLIMSERVE_KEEP_ALIVE_SECONDS``: a connection is reused while it idles less than the setting
+    and closed by the server once it idles longer (a proxy must not outlive it: see the README)."""
+    host, port = keyed_server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for pause in (0.0, 0.5):  # a second request on the same connection after a short idle
+            time.sleep(pause)
+            connection.request("GET", "/v1/health")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read(), "the idle connection was not kept"
+            assert not response.will_close
+        assert connection.sock is not None
+        sock = connection.sock
+        idle_since = time.monotonic()
+        assert sock.recv(1) == b"", "the server should close the idle connection"
+        idle = time.monotonic() - idle_since
+    finally:
+        connection.close()
+    assert 1.5 <= idle <= 4.0, f"closed after {idle:.1f} s idle, the setting is 2 s"

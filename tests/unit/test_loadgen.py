@@ -1,0 +1,63 @@
+"""The benchmark load generator's HTTP client and the soak's descriptor check, against a real socket server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("httptools", reason="the load generator parses responses with httptools (uvicorn's extra)")
+
+from bench.httpclient import Client
+from bench.kserve import HttpRequest
+from bench.soak_bench import descriptor_floor
+
+
+async def _serve_and_send(pauses: list[float], max_idle_s: float) -> tuple[int, list[int]]:
+    """A keep-alive server that answers every request 200 and counts connections; the client sends
+    one request after each pause. Returns (connections accepted, statuses)."""
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handle(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client(f"http://127.0.0.1:{port}", limit=4, max_idle_s=max_idle_s)
+    data = client.encode(HttpRequest(path="/", body=b"", headers={}, samples=1))
+    statuses = []
+    try:
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            statuses.append((await client.send(data))[0])
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    return accepted, statuses
+
+
+def test_client_reuses_a_briefly_idle_connection_and_replaces_a_long_idle_one() -> None:
+    """Reusing a connection the server may be closing (its keep-alive timeout) risks a reset that
+    is the client's doing: past ``max_idle_s`` the client opens a new one instead."""
+    accepted, statuses = asyncio.run(_serve_and_send([0.0, 0.05, 0.05], max_idle_s=0.3))
+    assert statuses == [200, 200, 200] and accepted == 1
+    accepted, statuses = asyncio.run(_serve_and_send([0.0, 0.05, 0.5], max_idle_s=0.3))
+    assert statuses == [200, 200, 200] and accepted == 2
+
+
+def test_descriptor_floor_ignores_files_that_come_and_go_but_sees_a_raised_floor() -> None:
+    steady = [(t * 5.0, 0, 17 + (t % 3 == 1) * 4, 40) for t in range(60)]  # 17, with a job's files now and then
+    assert descriptor_floor(steady, 60.0, 60.0) == 17 == descriptor_floor(steady, 60.0, None)
+    leaking = [(t * 5.0, 0, 17 + t // 10, 40) for t in range(60)]  # one more every 50 s
+    assert descriptor_floor(leaking, 60.0, None) > descriptor_floor(leaking, 60.0, 60.0)
