@@ -16,6 +16,7 @@ Four measurements in one run (each server is a real subprocess; see ``bench/serv
 3. Binary vs JSON: an MLP with 16384 float inputs (a 64 KB tensor), slimserve only.
 4. Latency: an open-loop constant rate at half of slimserve's peak from 2 (latency from the
    scheduled send time); p99 vs ``max_queue_delay`` + 2x the in-process compute time of a full batch.
+   Part ``latency-compute`` does the same on a compute-bound MLP (``bench/serving_latency.py``).
 
 Helpers: ``bench/serving_procs.py`` (server processes, CPU pinning, ``/metrics`` means),
 ``bench/loadgen.py`` (the load generator), ``bench/httpclient.py`` (its HTTP client),
@@ -50,9 +51,10 @@ import numpy as np  # noqa: E402
 
 from bench import httpclient, kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
+from bench.serving_latency import at_half_peak, part_compute_bound  # noqa: E402
 from bench.serving_report import add_output_args, machine, markdown, publish  # noqa: E402
 
-PARTS = ("efficiency", "overhead", "binary", "latency")
+PARTS = ("efficiency", "overhead", "binary", "latency", "latency-compute")
 #: The optimization job every upload runs: the cheapest recipe; version 1 (the original) is what we serve.
 JOB = {"techniques": ["graph"], "latency_seconds": 0.2, "fallback": False, "measure_memory": False, "deploy": False}
 
@@ -279,33 +281,7 @@ def parts_mlp(args: argparse.Namespace, work: Path, settings: dict[str, str], pa
                 results[f"slimserve_wide_{label}"]["body_bytes"] = len(request.body)
         if "latency" in parts:
             peak = args.rate * 2 if args.rate else results["slimserve_mlp_json"]["requests_per_s"]
-            max_batch = int(knob(settings, "max_batch_size"))
-            pin_self(server_cpus)  # the compute time on the servers' CPUs with their thread count, server idle
-            compute = inprocess(
-                session_for(mlp, threads), {"x": rng.standard_normal((max_batch, 64), dtype=np.float32)}, 3.0
-            )
-            pin_self(client_cpus)
-            delay_ms = int(knob(settings, "max_queue_delay_microseconds")) / 1000
-            opened = measured(
-                server,
-                "mlp",
-                lambda: loadgen.open_loop(
-                    server.url,
-                    mlp_json,
-                    rate=peak / 2,
-                    warmup_s=args.warmup,
-                    duration_s=args.duration,
-                    server_cpu=server.cpu_seconds,
-                ),
-            )
-            results["latency"] = {
-                "peak_requests_per_s": peak,
-                "max_batch_size": max_batch,
-                "compute": compute,
-                "max_queue_delay_ms": delay_ms,
-                "bound_ms": delay_ms + 2 * compute["batch_ms_median"],
-                "open_loop": opened,
-            }
+            results["latency"] = at_half_peak(args, server, "mlp", reference, mlp_json, peak, 64, settings)
         pin_self(None)
     return results
 
@@ -369,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["efficiency"] = part_efficiency(args, work, settings)
         if parts & {"overhead", "binary", "latency"}:
             results["mlp"] = parts_mlp(args, work, settings, parts)
+        if "latency-compute" in parts:
+            results["latency_compute"] = part_compute_bound(args, work, settings)
     info["load_after"] = os.getloadavg()[0]
     publish(markdown(info, results), {"machine": info, "results": results}, args.markdown, args.out)
     return 0

@@ -49,6 +49,17 @@ def ms(value: float | None) -> str:
     return "inf" if value is None else f"{value:.1f}"
 
 
+def _latency_row(label: str, lat: dict[str, Any]) -> str:
+    opened, p99 = lat["open_loop"], lat["open_loop"]["latency_ms"].get("p99")
+    compute_ms, bound = lat["compute"]["batch_ms_median"], lat["bound_ms"]
+    return (
+        f"| 4 | {label} open loop at {opened['offered_rate']:.0f} req/s (half of "
+        f"{lat['peak_requests_per_s']:.0f}): p99 | {ms(p99)} ms | <= {lat['max_queue_delay_ms']:.1f} ms queue "
+        f"delay + 2 x {compute_ms:.2f} ms (batch {lat['max_batch_size']}) = {bound:.1f} ms | "
+        f"{status(p99 is not None and p99 <= bound)} |"
+    )
+
+
 def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
     """The section for bench/RESULTS.md."""
     lines = [
@@ -105,16 +116,10 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
             f"{binary['requests_per_s']:.0f} vs {plain['requests_per_s']:.0f} ({ratio:.1f}x) | >= 1.5x | "
             f"{status(ratio >= 1.5)} |"
         )
-    if "latency" in mlp:
-        lat = mlp["latency"]
-        opened, p99 = lat["open_loop"], lat["open_loop"]["latency_ms"].get("p99")
-        compute_ms, bound = lat["compute"]["batch_ms_median"], lat["bound_ms"]
-        lines.append(
-            f"| 4 | MLP JSON open loop at {opened['offered_rate']:.0f} req/s (half of "
-            f"{lat['peak_requests_per_s']:.0f}): p99 | {ms(p99)} ms | <= {lat['max_queue_delay_ms']:.1f} ms queue "
-            f"delay + 2 x {compute_ms:.2f} ms (batch {lat['max_batch_size']}) = {bound:.1f} ms | "
-            f"{status(p99 is not None and p99 <= bound)} |"
-        )
+    for label, lat in (("MLP JSON", mlp.get("latency")), ("compute-bound MLP 64-4096-4096-10, JSON",
+                                                            results.get("latency_compute"))):  # fmt: skip
+        if lat:
+            lines.append(_latency_row(label, lat))
     lines += [
         "",
         "| run | requests/s | samples/s | p50 / p90 / p99 / max ms | errors | client CPU | server CPU "
@@ -123,8 +128,12 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
     ]
     runs = {"1 slimserve BERT": eff["served"]} if eff else {}
     runs.update({name.replace("_", " "): mlp[name] for name in mlp if name.startswith(("slimserve_", "litserve_"))})
+    if "latency_compute" in results:
+        runs["slimserve heavy json"] = results["latency_compute"]["closed_loop"]
     if "latency" in mlp:
         runs["slimserve mlp json, open loop"] = mlp["latency"]["open_loop"]
+    if "latency_compute" in results:
+        runs["slimserve heavy json, open loop"] = results["latency_compute"]["open_loop"]
     for name, run in runs.items():
         lat = run["latency_ms"]
         server_cpu = "-" if run["server_cpu"] is None else f"{run['server_cpu']:.0%}"

@@ -195,7 +195,9 @@ def test_a_restart_sweeps_the_partial_upload_file(killed_upload: KilledUpload) -
     assert left, "the kill left no partial file to sweep"
     live = staging / ".upload-live.model"
     wait_for(lambda: all(time.time() - p.stat().st_mtime > 2.5 for p in left), timeout=10)
-    live.write_bytes(b"a live upload's part")  # written just now: must survive the sweep
+    live.write_bytes(b"a live upload's part")  # a live upload keeps writing: it must survive the sweep
+    ahead = time.time() + 120  # "written at the sweep" however slowly the server starts on a loaded machine
+    os.utime(live, (ahead, ahead))
     restarted = start_server(home, env=settings_env(run_worker="false", drain_seconds="0", upload_idle_seconds="1"))
     assert restarted.stop(timeout=30) == 0
     assert [p for p in left if p.exists()] == [], "partial upload files remain after a restart"

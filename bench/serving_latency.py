@@ -1,0 +1,104 @@
+"""Part 4 of the serving benchmark: p99 latency at half the measured peak, against the batcher's bound.
+
+The bound is ``max_queue_delay`` plus twice the compute time of a full batch: a request may wait
+for batch-mates up to the delay, then for the batch already running, then for its own. It is the
+latency a batcher adds when the model's compute is what the server spends its time on. It is
+measured twice:
+
+- on the tiny MLP of part 2 (0.1 ms per batch of 32), where the bound (about 2.2 ms) is smaller
+  than parsing and answering the request in Python (about 0.4 ms of CPU per request on one core,
+  see bench/notes/serving.md): no HTTP server in Python can meet it there;
+- on a compute-bound MLP 64->4096->4096->10 (the burst model of ``bench/soak_bench.py``), where
+  the batch compute dominates, as the bound assumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import kserve, loadgen
+from bench import serving_procs as procs
+
+
+def at_half_peak(
+    args: argparse.Namespace,
+    server: procs.Server,
+    model: str,
+    session: Any,
+    request: kserve.HttpRequest,
+    peak: float,
+    features: int,
+    settings: dict[str, str],
+) -> dict[str, Any]:
+    """The open loop at half of ``peak`` against ``server``'s ``model``, with the bound's parts.
+
+    ``session`` is the model in this process with the server's thread count; it times a full batch
+    on the server's CPUs (server idle) for the bound.
+    """
+    from bench.serving_bench import inprocess, knob, measured, pin_self
+
+    max_batch = int(knob(settings, "max_batch_size"))
+    pin_self(args.server_cpus)
+    batch = np.random.default_rng(7).standard_normal((max_batch, features), dtype=np.float32)
+    compute = inprocess(session, {"x": batch}, 3.0)
+    pin_self(args.client_cpus)
+    delay_ms = int(knob(settings, "max_queue_delay_microseconds")) / 1000
+    opened = measured(
+        server,
+        model,
+        lambda: loadgen.open_loop(
+            server.url,
+            request,
+            rate=peak / 2,
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+            server_cpu=server.cpu_seconds,
+        ),
+    )
+    return {
+        "model": model,
+        "peak_requests_per_s": peak,
+        "max_batch_size": max_batch,
+        "compute": compute,
+        "max_queue_delay_ms": delay_ms,
+        "bound_ms": delay_ms + 2 * compute["batch_ms_median"],
+        "open_loop": opened,
+    }
+
+
+def part_compute_bound(args: argparse.Namespace, work: Path, settings: dict[str, str]) -> dict[str, Any]:
+    """Part 4 on the compute-bound MLP: its closed-loop peak, then the open loop at half of it."""
+    from bench.serving_bench import JOB, build_mlp, check, measured, pin_self, session_for
+
+    threads = len(args.server_cpus) if args.server_cpus else 0
+    if threads:
+        settings = {"SLIMSERVE_INFERENCE_THREADS": str(threads), **settings}
+    heavy = build_mlp(work / "heavy.onnx", (64, 4096, 4096, 10), seed=2)
+    data = work / "heavy.npz"
+    np.savez(data, x=np.random.default_rng(5).standard_normal((64, 64), dtype=np.float32))
+    x = np.random.default_rng(4).standard_normal((1, 64), dtype=np.float32)
+    request = kserve.json_request("/v2/models/heavy/versions/1/infer", {"x": x})
+    session = session_for(heavy, threads)
+    with procs.slimserve(work / "home-heavy", cpus=args.server_cpus, settings=settings) as server:
+        procs.upload(server.url, heavy, data, {"name": "heavy", **JOB})
+        procs.wait_ready(server.url, "/v2/models/heavy/versions/1/ready")
+        pin_self(args.client_cpus)
+        check(server.url, request, {"logits": session.run(None, {"x": x})[0]})
+        closed: Callable[[], loadgen.LoadResult] = lambda: loadgen.closed_loop(  # noqa: E731
+            server.url,
+            request,
+            concurrency=args.concurrency,
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+            server_cpu=server.cpu_seconds,
+        )
+        peak = measured(server, "heavy", closed)
+        result = at_half_peak(args, server, "heavy", session, request, peak["requests_per_s"], 64, settings)
+        result["closed_loop"] = peak
+        pin_self(None)
+    return result
