@@ -29,10 +29,13 @@ def free_port() -> int:
 
 
 def service_env(home: Path, **settings: str) -> dict[str, str]:
-    """The environment of a service process: ``SLIMSERVE_HOME`` plus ``SLIMSERVE_<KEY>`` overrides."""
+    """The environment of a service process: ``SLIMSERVE_HOME``, no drain pause, plus ``SLIMSERVE_<KEY>`` overrides."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
     env["SLIMSERVE_HOME"] = str(home)
     env["SLIMSERVE_LOG_LEVEL"] = "warning"
+    # No not-ready pause before stopping (5 s by default, for load balancers): tests that check
+    # draining set it themselves; every other server stop would sleep for nothing.
+    env["SLIMSERVE_DRAIN_SECONDS"] = "0"
     env.update({f"SLIMSERVE_{key.upper()}": value for key, value in settings.items()})
     return env
 
