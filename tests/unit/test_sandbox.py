@@ -103,12 +103,20 @@ def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert b"hunter2" not in result["initial"] and b"AKIA-secret" not in result["initial"]
     assert env["LC_ALL"] == "C.UTF-8"
     assert env["OMP_NUM_THREADS"] == "2"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # OpenMP waits without spinning on shared cores
     assert env["HOME"] == env["TMPDIR"] and result["home_is_dir"]
     assert env["HOME"] != os.environ.get("HOME")
     assert not Path(env["HOME"]).exists()  # the private folder is removed afterwards
     assert set(env) <= {"PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "TZ", "LD_LIBRARY_PATH"} | {
-        k for k in env if k.endswith("_THREADS") or k == "CUDA_VISIBLE_DEVICES" or k.startswith("LC_")
+        k
+        for k in env
+        if k.endswith("_THREADS") or k in ("CUDA_VISIBLE_DEVICES", "OMP_WAIT_POLICY") or k.startswith("LC_")
     }
+
+
+def test_an_operators_openmp_wait_policy_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert run_isolated(environment)["env"]["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_optimizer_error_is_raised_again_with_class_and_message() -> None:
