@@ -54,6 +54,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.http.protocol import protocol_class
     from service.http.server import DrainingServer
 
     if not settings.auth_enabled and not is_loopback(settings.host):
@@ -75,6 +76,8 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
         timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
+        # request heads (and bodies left over after an answer) get a deadline: slow clients are cut off
+        http=protocol_class(head_timeout=settings.upload_idle_seconds),
         server_header=False,
     )
     # Everything built so far lives as long as the process: keep it out of the cyclic collector's

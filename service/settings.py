@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     run_worker: bool = Field(True, description="`slimserve serve` also runs one in-process worker")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest model upload (413 past it)")
     max_data_bytes: int = Field(512 * 1024**2, gt=0, description="largest sample-data upload (413 past it)")
-    upload_idle_seconds: float = Field(60.0, gt=0, description="an upload that sends nothing this long is cut off")
+    upload_idle_seconds: float = Field(
+        60.0, gt=0, description="a request body or unfinished head that sends nothing this long is cut off"
+    )
     lease_seconds: float = Field(60.0, gt=0, description="a claimed job's lease; expired leases are reclaimed")
     heartbeat_seconds: float = Field(10.0, gt=0, description="how often a worker renews its lease")
     max_attempts: int = Field(3, ge=1, description="claims of one job before it fails (worker lost each time)")

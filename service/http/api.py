@@ -59,7 +59,13 @@ def build_api(
         app.include_router(routes_serving.router)
         app.include_router(routes_v2.router)
         if fast_path:
-            app.add_middleware(InferFastPath, plane=dataplane, keys=app.state.keys, limits=app.state.codec_limits)
+            app.add_middleware(
+                InferFastPath,
+                plane=dataplane,
+                keys=app.state.keys,
+                limits=app.state.codec_limits,
+                idle_seconds=settings.upload_idle_seconds,
+            )
 
     @app.get("/v1/health", tags=["health"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:

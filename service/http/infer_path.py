@@ -6,17 +6,27 @@ infer requests are answered by :class:`InferFastPath`, a middleware in front of 
 matches the two paths with one regular expression, checks the key, reads the body, and calls the
 same :func:`infer_bytes` the FastAPI routes call (those stay for the OpenAPI schema and answer
 only when the middleware is not installed). Errors take the one ``{"error": ...}`` shape.
+
+The body is read with the same limits as :func:`service.http.bodies.read_body`: headers checked
+first, the running size, and an idle limit on each wait for the next chunk (a client that stops
+halfway is answered 400 "stalled" instead of holding its connection forever). That limit is
+``asyncio.timeout``, not the ``anyio.fail_after`` the other body readers use: around a receive
+that is already ready (0.3 us), anyio's cancel scope cost 20-22 us and asyncio's timer 6-10 us
+(timeit under uvloop on the 2-core dev machine), and this runs on every inference request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from service.errors import BadRequest, NotFound, ServiceError, TooLarge, Unavailable, UnsupportedFormat
+from service.errors import BadRequest, NotFound, ServiceError, Unavailable
 from service.http.auth import KeyRing
+from service.http.bodies import check_body_headers, stalled, too_large
+from service.jobconfig import check_name
 from service.protocol.codec import CodecLimits, decode_request, encode_json, encode_response, parse_header_length
 from service.serving.dataplane import DataPlane
 
@@ -43,19 +53,15 @@ def version_number(text: str | None) -> int | None:
 
 
 def check_model_name(name: str) -> str:
-    """400 for a name longer than any model can have (the upload checks the same bound)."""
+    """``name`` if a model can have it, else 400: the rule uploads apply (:func:`service.jobconfig.check_name`).
+
+    So ``..``, NUL, control characters and look-alike unicode are refused before anything looks the
+    name up. It runs on every inference request: about 0.8 us for a typical name (timeit; 0.15 us for
+    the length bound alone), cheap enough to need no cache.
+    """
     if len(name) > MAX_MODEL_NAME:
         raise BadRequest(f"model: the name is longer than {MAX_MODEL_NAME} characters")
-    return name
-
-
-def check_body_headers(headers: Mapping[str, str], limits: CodecLimits) -> None:
-    """415 for a compressed body, 413 for a declared length over the limit (before reading it)."""
-    if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-        raise UnsupportedFormat("compressed request bodies are not accepted")
-    length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise TooLarge(f"the request body is larger than the limit of {limits.max_body_bytes} bytes")
+    return check_name(name)
 
 
 async def infer_bytes(
@@ -77,11 +83,14 @@ class _Disconnected(Exception):
 class InferFastPath:
     """ASGI middleware answering the infer paths itself; everything else goes to ``app``."""
 
-    def __init__(self, app: ASGIApp, *, plane: DataPlane, keys: KeyRing, limits: CodecLimits) -> None:
+    def __init__(
+        self, app: ASGIApp, *, plane: DataPlane, keys: KeyRing, limits: CodecLimits, idle_seconds: float
+    ) -> None:
         self.app = app
         self._plane = plane
         self._keys = keys
         self._limits = limits
+        self._idle_seconds = idle_seconds  #: longest wait for the next chunk of a body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
@@ -96,7 +105,7 @@ class InferFastPath:
             self._keys.check(headers.get("authorization"), "infer")
             model = check_model_name(match.group(1))
             version = version_number(match.group(2))
-            check_body_headers(headers, self._limits)
+            check_body_headers(headers, self._limits.max_body_bytes)
             body = await self._body(receive)
             payload, out_headers = await infer_bytes(self._plane, self._limits, headers, body, model, version)
             status = 200
@@ -121,13 +130,17 @@ class InferFastPath:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self._idle_seconds):
+                    message = await receive()
+            except TimeoutError:
+                raise stalled(self._idle_seconds) from None
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise TooLarge(f"the request body is larger than the limit of {limit} bytes")
+                raise too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 
-from service.errors import BadRequest, Conflict, TooLarge
+from service.errors import BadRequest, Conflict
 from service.http.auth import require
+from service.http.bodies import read_body
 from service.http.routes_models import Name, Number, plane
 from service.http.routes_v2 import plane as dataplane
 from service.http.schemas import ErrorOut, ModelOut
@@ -93,14 +94,12 @@ async def _feedback_items(request: Request) -> list[dict[str, Any]]:
 
     FastAPI parses a declared body before it runs the route's dependencies, so a malformed body sent
     without a key was answered 400 instead of 401; reading it in the route keeps the key check first.
+    Read as the infer routes read theirs: any Content-Encoding 415 and a declared length over
+    ``MAX_FEEDBACK_BYTES`` 413 before a byte is read, the running size 413, a stalled body 400.
     """
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FEEDBACK_BYTES:
-            raise TooLarge(f"the request body is larger than the limit of {MAX_FEEDBACK_BYTES} bytes")
+    body = await read_body(request, MAX_FEEDBACK_BYTES, request.app.state.settings.upload_idle_seconds)
     try:
-        items = orjson.loads(bytes(body))
+        items = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("body: JSON decode error") from None
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):

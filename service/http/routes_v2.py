@@ -3,7 +3,9 @@
 The infer routes here describe the endpoints in the OpenAPI schema; in the running service
 ``service.http.infer_path.InferFastPath`` answers them ahead of FastAPI's router, through the same
 ``infer_bytes``. Either way the body is read raw and decoded by ``service.protocol.codec`` (orjson;
-the binary tensor extension), so malformed input is always a 400 with ``{"error": ...}``.
+the binary tensor extension), so malformed input is always a 400 with ``{"error": ...}``. Every route
+that takes a model name checks it first (:func:`~service.http.infer_path.check_model_name`: 400 for a
+name no model can have, never a lookup that echoes it in a 404).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 
-from service.errors import TooLarge
 from service.http.auth import require
-from service.http.infer_path import check_body_headers, infer_bytes, version_number
+from service.http.bodies import read_body
+from service.http.infer_path import check_model_name, infer_bytes, version_number
 from service.http.schemas import (
     ErrorOut,
     InferResponseOut,
@@ -103,7 +105,7 @@ async def server_metadata(request: Request) -> Response:
     responses={**_MODEL_ERRORS, 200: {"model": ModelMetadataOut}},
 )
 async def model_metadata(request: Request, model: ModelName) -> Response:
-    return _json(plane(request).model_metadata(model, None))
+    return _json(plane(request).model_metadata(check_model_name(model), None))
 
 
 @router.get(
@@ -113,7 +115,7 @@ async def model_metadata(request: Request, model: ModelName) -> Response:
     responses={**_MODEL_ERRORS, 200: {"model": ModelMetadataOut}},
 )
 async def version_metadata(request: Request, model: ModelName, version: Version) -> Response:
-    return _json(plane(request).model_metadata(model, version_number(version)))
+    return _json(plane(request).model_metadata(check_model_name(model), version_number(version)))
 
 
 @router.get(
@@ -123,7 +125,7 @@ async def version_metadata(request: Request, model: ModelName, version: Version)
     responses={**_MODEL_ERRORS, 200: {"model": ModelReadyOut}, 503: {"model": ModelReadyOut | ErrorOut}},
 )
 async def model_ready(request: Request, model: ModelName) -> Response:
-    is_ready = plane(request).model_ready(model, None)
+    is_ready = plane(request).model_ready(check_model_name(model), None)
     return _json({"name": model, "ready": is_ready}, 200 if is_ready else 503)
 
 
@@ -134,7 +136,7 @@ async def model_ready(request: Request, model: ModelName) -> Response:
     responses={**_MODEL_ERRORS, 200: {"model": ModelReadyOut}, 503: {"model": ModelReadyOut | ErrorOut}},
 )
 async def version_ready(request: Request, model: ModelName, version: Version) -> Response:
-    is_ready = plane(request).model_ready(model, version_number(version))
+    is_ready = plane(request).model_ready(check_model_name(model), version_number(version))
     return _json({"name": model, "version": version, "ready": is_ready}, 200 if is_ready else 503)
 
 
@@ -146,7 +148,7 @@ async def version_ready(request: Request, model: ModelName, version: Version) ->
     openapi_extra=_INFER_BODY,
 )
 async def infer(request: Request, model: ModelName) -> Response:
-    return await _infer(request, model, None)
+    return await _infer(request, check_model_name(model), None)
 
 
 @router.post(
@@ -157,18 +159,13 @@ async def infer(request: Request, model: ModelName) -> Response:
     openapi_extra=_INFER_BODY,
 )
 async def infer_version(request: Request, model: ModelName, version: Version) -> Response:
-    return await _infer(request, model, version_number(version))
+    return await _infer(request, check_model_name(model), version_number(version))
 
 
 async def _infer(request: Request, model: str, version: int | None) -> Response:
     """Reached only without the :class:`~service.http.infer_path.InferFastPath` middleware."""
     limits: CodecLimits = request.app.state.codec_limits
-    headers = request.headers
-    check_body_headers(headers, limits)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_body_bytes:
-            raise TooLarge(f"the request body is larger than the limit of {limits.max_body_bytes} bytes")
-    payload, out = await infer_bytes(plane(request), limits, headers, bytes(body), model, version)
+    idle_seconds: float = request.app.state.settings.upload_idle_seconds
+    body = await read_body(request, limits.max_body_bytes, idle_seconds)
+    payload, out = await infer_bytes(plane(request), limits, request.headers, body, model, version)
     return Response(payload, headers=out, media_type=out.pop("content-type"))

@@ -121,11 +121,6 @@ def test_a_compressed_infer_body_is_415(server: Proc, mlp_files: MlpFiles, encod
         assert "compressed" in refused_cleanly(server, mlp_files, send, 415)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /v1/models/{name}/feedback ignores Content-Encoding: a gzip body is misread as JSON (400 'JSON "
-    "decode error'), a plain body labelled deflate is read as if unlabelled; every other body route answers 415",
-)
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_a_compressed_feedback_body_is_415(server: Proc, mlp_files: MlpFiles, encoding: str) -> None:
     """Feedback is a body-taking route like upload and infer: a compressed body is refused (415), never misread.
@@ -162,16 +157,7 @@ def _declared_only(server: Proc, path: str, length: int, content_type: str) -> b
     [
         pytest.param("/v1/models", 3 * LIMIT + 70_000, "multipart/form-data; boundary=b", id="upload"),
         pytest.param("/v2/models/m/infer", INFER_LIMIT + 1, "application/json", id="infer"),
-        pytest.param(
-            "/v1/models/m/feedback",
-            FEEDBACK_LIMIT + 1,
-            "application/json",
-            id="feedback",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="feedback does not check Content-Length before reading; it waits for a body it will refuse",
-            ),
-        ),
+        pytest.param("/v1/models/m/feedback", FEEDBACK_LIMIT + 1, "application/json", id="feedback"),
     ],
 )
 def test_a_declared_length_over_the_limit_is_413_before_the_body(
@@ -299,12 +285,6 @@ def test_slow_clients_do_not_stop_others_from_being_served(server: Proc, mlp_fil
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="no timeout bounds a request head or a non-upload body: uvicorn arms its keep-alive timer only after a "
-    "response, and the infer/feedback routes read their body without an idle limit, so a slow client holds its "
-    "connection (and a file descriptor) forever",
-)
 def test_slow_clients_are_cut_off(server: Proc) -> None:
     """Slowloris: connections that send nothing, half a request head, or a head and half an infer body are closed
     by the server within ``PROMPT`` (3 s, three times every idle setting of this server), so they cannot pile up
@@ -364,14 +344,9 @@ V2_ROUTES = [
 ]
 INFER_BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]}).encode()
 FEEDBACK_BODY = json.dumps([{"id": "never-sent", "label": 1}]).encode()
-_V2_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="the v2 routes check only a name's length: '..', NUL, control and look-alike unicode names are looked up "
-    "and answered 404 (the name echoed back) instead of 400",
-)
 
 
-@pytest.mark.parametrize("route", [*V1_ROUTES, *(pytest.param(route, marks=_V2_XFAIL) for route in V2_ROUTES)])
+@pytest.mark.parametrize("route", [*V1_ROUTES, *V2_ROUTES])
 def test_a_bad_name_in_the_path_is_400(server: Proc, mlp_files: MlpFiles, route: str) -> None:
     """Every route that takes a model name refuses a name no model can have (``..``, NUL, a control character, a
     backslash, look-alike unicode: Cyrillic, fullwidth, a right-to-left override, a zero-width space; 65 and 300
