@@ -34,6 +34,9 @@ import numpy as np
 from bench.httpclient import Client, Connection
 from bench.kserve import HttpRequest
 
+#: Seconds of scheduled time per entry of an open loop's ``timeline``.
+TIMELINE_S = 10.0
+
 
 @dataclass
 class LoadResult:
@@ -55,6 +58,9 @@ class LoadResult:
     # open loop: latency percentiles per answer ("200", "503", "ConnectionResetError"...), from the
     # scheduled time to the answer, whatever it was (how fast a refusal came, not only that it came)
     by_status_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    # open loop: per ``TIMELINE_S`` window of scheduled time, its start (s) and the p50 / p99 / max
+    # latency (ms, answered requests) and count of failed requests: where in the run a tail happened
+    timeline: list[dict[str, float | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for JSON (infinite latencies become null)."""
@@ -290,6 +296,7 @@ async def _open(
     client.close()
     latencies, lags, statuses = [], [], []
     answered: dict[str, list[float]] = {}
+    windows: dict[int, list[float]] = {}
     for index in range(total):
         scheduled = start + index / rate
         if not begin <= scheduled < end:
@@ -299,6 +306,7 @@ async def _open(
         latencies.append((done - scheduled) * 1e3 if status == 200 else math.inf)
         lags.append((sent - scheduled) * 1e3)
         answered.setdefault(str(status), []).append((done - scheduled) * 1e3)
+        windows.setdefault(int((scheduled - begin) // TIMELINE_S), []).append(latencies[-1])
     ok = sum(status == 200 for status in statuses)
     client_cpu, server = cpu.fractions()
     return LoadResult(
@@ -315,7 +323,15 @@ async def _open(
         offered_rate=rate,
         dispatch_lag_ms=percentiles(lags),
         by_status_ms={status: percentiles(values) for status, values in sorted(answered.items())},
+        timeline=[_window(number, values) for number, values in sorted(windows.items())],
     )
+
+
+def _window(number: int, latencies_ms: list[float]) -> dict[str, float | None]:
+    finite = [value for value in latencies_ms if not math.isinf(value)]
+    figures = percentiles(finite)  # empty (None below) when every request of the window failed
+    return {"start_s": number * TIMELINE_S, "p50": figures.get("p50"), "p99": figures.get("p99"),
+            "max": figures.get("max"), "failed": len(latencies_ms) - len(finite)}  # fmt: skip
 
 
 def _errors(statuses: Any) -> dict[str, int]:

@@ -50,8 +50,9 @@ PARTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 
 HEADER = """# Benchmark results
 
-Written by `make bench` (`bench/make_results.py`, {date}): each part below is the section its
-benchmark wrote in that run (machine, versions, date and exact command inside), followed by notes
+Put together by `bench/make_results.py` ({date}; `make bench` runs every benchmark, then it): each
+part below is the latest section its benchmark wrote (machine, versions, date and exact command
+inside; a benchmark run alone updates only its own part), followed by notes
 written by hand (analysis, what was tried, earlier runs; each dated). Timings on these shared
 2-core machines vary by up to ±25% between runs: compare ratios within one run, never absolute
 figures across runs.

@@ -52,6 +52,7 @@ from bench import kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
 from bench.serving_bench import JOB, build_mlp, check, pin_self, session_for  # noqa: E402
 from bench.serving_report import add_output_args, machine, ms, publish, status  # noqa: E402
+from bench.soak_plot import IMAGE, PICTURE, draw  # noqa: E402
 from service.client import SlimserveClient  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.05
@@ -309,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["soak"] = soak(args, work, settings)
         if not args.no_burst:
             results["burst"] = burst(args, work, settings)
-    publish(markdown(info, results), {"machine": info, "results": results}, args.markdown, args.out)
+    section = markdown(info, results)
+    if args.markdown:  # the picture next to the section; RESULTS.md shows it below the table
+        draw(results, PICTURE)
+        section += f"\n{IMAGE}\n"
+    publish(section, {"machine": info, "results": results}, args.markdown, args.out)
     return 0
 
 
