@@ -65,13 +65,18 @@ def measure(
     (batch size over the mean call time) and the number of timed iterations.
     """
     _check(data, batch_size, min_iterations, max_iterations)
-    feed, size = _warm(session, data, batch_size, warmup)
+    feed, size, _ = _warm(session, data, batch_size, warmup)
     return _performance(size, _timed(session, feed, min_iterations, max_iterations, max_seconds))
 
 
 #: Untimed calls at the start of each slice of :func:`measure_paired`: right after the other
 #: session ran, caches are cold and (on a machine with few cores) its idle threads still spin.
 SLICE_WARMUP = 2
+#: A call at least this long (seconds, the slower side's last warm-up call) makes a model "slow":
+#: :func:`measure_paired` then keeps its rounds within twice ``max_seconds`` and warms each slice
+#: with one call. A BERT-class encoder at batch 32 (about 1 s a call) otherwise made 46 calls per
+#: candidate and doubled its job; on calls that long a second's drift matters little anyway.
+SLOW_CALL_S = 0.1
 
 
 def measure_paired(
@@ -92,21 +97,28 @@ def measure_paired(
     timed about as long as :func:`measure` would. Returns ``session``'s performance over all its
     slices and the speedup: the median over rounds of the ratio of the two sides' typical
     throughput in that round (batch size over the slice's median call time, so a call that lost
-    the CPU to another process does not decide a round).
+    the CPU to another process does not decide a round). For a slow model (a call of
+    :data:`SLOW_CALL_S` or more) the rounds are cut to what fits in twice ``max_seconds`` (at least
+    one) and each slice is warmed by one call instead of :data:`SLICE_WARMUP`.
     """
     if rounds < 1:
         raise ValueError("need rounds >= 1")
     _check(data, batch_size, min_iterations, max_iterations)
     sides = [(timed, *_warm(timed, data, batch_size, warmup)) for timed in (session, reference)]
     least, most = max(1, -(-min_iterations // rounds)), max(1, max_iterations // rounds)
+    slice_warmup = SLICE_WARMUP
+    call_s = max(side[3] for side in sides)
+    if call_s >= SLOW_CALL_S:  # a round would outlast the budget: fewer rounds, one cold call per slice
+        slice_warmup = 1
+        rounds = max(1, min(rounds, int(2 * max_seconds / (2 * (slice_warmup + least) * call_s))))
     slice_seconds = max_seconds / rounds
     durations: list[float] = []
     ratios: list[float] = []
     for number in range(rounds):
         typical = {}
         for index in (0, 1) if number % 2 == 0 else (1, 0):
-            timed, feed, _ = sides[index]
-            for _ in range(SLICE_WARMUP):  # the first calls after the other session ran are cold
+            timed, feed, _, _ = sides[index]
+            for _ in range(slice_warmup):  # the first calls after the other session ran are cold
                 run_feed(timed, feed)
             taken = _timed(timed, feed, least, max(least, most), slice_seconds)
             typical[index] = float(np.median(taken))
@@ -127,13 +139,17 @@ def _check(data: SampleData, batch_size: int, min_iterations: int, max_iteration
 
 def _warm(
     session: ort.InferenceSession, data: SampleData, batch_size: int, warmup: int
-) -> tuple[dict[str, np.ndarray], int]:
-    """The feed to time (the model's fixed batch if it has one) and its size, after ``warmup`` calls."""
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """The feed to time (the model's fixed batch if it has one), its size, and the last of
+    ``warmup`` untimed calls' seconds (0 without warm-up)."""
     size = fixed_batch_size(session) or batch_size
     feed = data.batch(size)
+    seconds = 0.0
     for _ in range(max(warmup, 0)):
+        started = time.perf_counter()
         run_feed(session, feed)
-    return feed, size
+        seconds = time.perf_counter() - started
+    return feed, size, seconds
 
 
 def _timed(

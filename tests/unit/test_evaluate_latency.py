@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from optimizer.data import SampleData
 from optimizer.errors import InvalidModel
-from optimizer.evaluate.latency import SLICE_WARMUP, fixed_batch_size, measure, measure_paired
+from optimizer.evaluate.latency import SLICE_WARMUP, SLOW_CALL_S, fixed_batch_size, measure, measure_paired
 from optimizer.runtime import RuntimeOptions, create_session
 
 
@@ -153,6 +153,35 @@ def test_paired_speedup_is_immune_to_a_machine_that_slows_down(mlp_data: SampleD
     before = measure(first, mlp_data, 4, min_iterations=20, max_iterations=20, max_seconds=0.0)
     after = measure(second, mlp_data, 4, min_iterations=20, max_iterations=20, max_seconds=0.0)
     assert after.throughput / before.throughput < 0.5
+
+
+class _Counted:
+    """A session whose every call takes ``seconds`` (a slow model), counting its calls."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def get_inputs(self) -> list[Any]:
+        return []
+
+    def run(self, outputs: Any, feed: Any) -> list[np.ndarray]:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return [np.zeros(1)]
+
+
+def test_a_slow_model_is_paired_within_the_time_budget(mlp_data: SampleData) -> None:
+    """Calls of SLOW_CALL_S or more: the rounds fit twice ``max_seconds`` (here one round, one cold
+    call per slice), not the 5 rounds x (2 cold + 2 timed) calls per side that doubled a BERT job."""
+    candidate, baseline = _Counted(SLOW_CALL_S), _Counted(SLOW_CALL_S)
+    perf, speedup = measure_paired(candidate, baseline, mlp_data, 4, min_iterations=10, max_seconds=0.3)
+    # warm-up, one cold call, then timed calls until two are made and the slice's 0.3 s has passed
+    assert candidate.calls == baseline.calls == 3 + 1 + perf.iterations
+    assert perf.iterations in (2, 3)
+    assert 0.7 < speedup < 1.4, speedup
+    fast, other = _Counted(0.001), _Counted(0.001)
+    measure_paired(fast, other, mlp_data, 4, min_iterations=10, max_seconds=0.0)
+    assert fast.calls == 3 + 5 * (SLICE_WARMUP + 2)  # a fast model keeps every round
 
 
 def test_paired_argument_checks(mlp_model: Path, mlp_data: SampleData) -> None:
