@@ -15,7 +15,10 @@ measured twice:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,25 +74,51 @@ def at_half_peak(
     }
 
 
-def part_compute_bound(args: argparse.Namespace, work: Path, settings: dict[str, str]) -> dict[str, Any]:
-    """Part 4 on the compute-bound MLP: its closed-loop peak, then the open loop at half of it."""
-    from bench.serving_bench import JOB, build_mlp, check, measured, pin_self, session_for
+@dataclasses.dataclass(frozen=True)
+class Heavy:
+    """A server with the compute-bound MLP uploaded, the model file, one row and its JSON infer request."""
 
-    threads = len(args.server_cpus) if args.server_cpus else 0
-    if threads:
-        settings = {"SLIMSERVE_INFERENCE_THREADS": str(threads), **settings}
+    server: procs.Server
+    model: Path
+    x: np.ndarray
+    request: kserve.HttpRequest
+
+
+@contextlib.contextmanager
+def heavy_server(work: Path, home: str, cpus: set[int] | None, settings: dict[str, str]) -> Iterator[Heavy]:
+    """A server with the compute-bound MLP 64->4096->4096->10 uploaded as ``heavy`` and ready.
+
+    Part 4 and the soak's burst
+    use it: 22 ms per batch of 32 on one core, so the batch compute is what the server spends its
+    time on.
+    """
+    from bench.serving_bench import JOB, build_mlp
+
     heavy = build_mlp(work / "heavy.onnx", (64, 4096, 4096, 10), seed=2)
     data = work / "heavy.npz"
     np.savez(data, x=np.random.default_rng(5).standard_normal((64, 64), dtype=np.float32))
     x = np.random.default_rng(4).standard_normal((1, 64), dtype=np.float32)
     request = kserve.json_request("/v2/models/heavy/versions/1/infer", {"x": x})
-    session = session_for(heavy, threads)
-    with procs.slimserve(work / "home-heavy", cpus=args.server_cpus, settings=settings) as server:
+    with procs.slimserve(work / home, cpus=cpus, settings=settings) as server:
         procs.upload(server.url, heavy, data, {"name": "heavy", **JOB})
         procs.wait_ready(server.url, "/v2/models/heavy/versions/1/ready")
+        yield Heavy(server, heavy, x, request)
+
+
+def part_compute_bound(args: argparse.Namespace, work: Path, settings: dict[str, str]) -> dict[str, Any]:
+    """Part 4 on the compute-bound MLP: its closed-loop peak, then the open loop at half of it."""
+    from bench.serving_bench import check, measured, pin_self, session_for
+
+    threads = len(args.server_cpus) if args.server_cpus else 0
+    if threads:
+        settings = {"SLIMSERVE_INFERENCE_THREADS": str(threads), **settings}
+    with heavy_server(work, "home-heavy", args.server_cpus, settings) as heavy:
+        server, request = heavy.server, heavy.request
+        session = session_for(heavy.model, threads)
         pin_self(args.client_cpus)
-        check(server.url, request, {"logits": session.run(None, {"x": x})[0]})
-        closed: Callable[[], loadgen.LoadResult] = lambda: loadgen.closed_loop(  # noqa: E731
+        check(server.url, request, {"logits": session.run(None, {"x": heavy.x})[0]})
+        closed = functools.partial(
+            loadgen.closed_loop,
             server.url,
             request,
             concurrency=args.concurrency,

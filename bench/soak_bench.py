@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from bench import kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
 from bench.serving_bench import JOB, build_mlp, check, pin_self, session_for  # noqa: E402
+from bench.serving_latency import heavy_server  # noqa: E402
 from bench.serving_report import add_output_args, machine, ms, publish, status  # noqa: E402
 from bench.soak_plot import IMAGE, PICTURE, draw  # noqa: E402
 from service.client import SlimserveClient  # noqa: E402
@@ -208,15 +209,9 @@ def burst(args: argparse.Namespace, work: Path, settings: dict[str, str]) -> dic
     once". A wide MLP makes the batcher's queue the thing that overflows, which is what the
     queue bound is for.
     """
-    heavy = build_mlp(work / "heavy.onnx", (64, 4096, 4096, 10), seed=2)
-    data = work / "heavy.npz"
-    np.savez(data, x=np.random.default_rng(5).standard_normal((64, 64), dtype=np.float32))
-    x = np.random.default_rng(4).standard_normal((1, 64), dtype=np.float32)
-    request = kserve.json_request("/v2/models/heavy/versions/1/infer", {"x": x})
     settings = {**settings, "SLIMSERVE_MAX_QUEUE_SIZE": str(args.burst_queue)}
-    with procs.slimserve(work / "home-burst", cpus=args.server_cpus, settings=settings) as server:
-        procs.upload(server.url, heavy, data, {"name": "heavy", **JOB})
-        procs.wait_ready(server.url, "/v2/models/heavy/versions/1/ready")
+    with heavy_server(work, "home-burst", args.server_cpus, settings) as heavy:
+        server, request = heavy.server, heavy.request
         pin_self(args.client_cpus)
         peak = loadgen.closed_loop(server.url, request, concurrency=args.concurrency, warmup_s=2, duration_s=5)
         rate = args.burst_factor * peak.requests_per_s

@@ -74,6 +74,7 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=30,
         timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
         # request heads (and bodies left over after an answer) get a deadline: slow clients are cut off

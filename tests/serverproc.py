@@ -33,6 +33,7 @@ def service_env(home: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSERVE_")}
     env["SLIMSERVE_HOME"] = str(home)
     env["SLIMSERVE_LOG_LEVEL"] = "warning"
+    env["PYTHONUNBUFFERED"] = "1"  # the log file shows what happened up to now (as in the container image)
     # No not-ready pause before stopping (5 s by default, for load balancers): tests that check
     # draining set it themselves; every other server stop would sleep for nothing.
     env["SLIMSERVE_DRAIN_SECONDS"] = "0"

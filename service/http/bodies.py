@@ -19,10 +19,15 @@ from starlette.requests import ClientDisconnect, Request
 from service.errors import BadRequest, TooLarge, UnsupportedFormat
 
 
+def refuse_compressed(headers: Mapping[str, str]) -> None:
+    """415 for a body with any ``Content-Encoding`` but identity (uploads check this too)."""
+    if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        raise UnsupportedFormat("compressed request bodies are not accepted; send the content as it is")
+
+
 def check_body_headers(headers: Mapping[str, str], max_bytes: int) -> None:
     """415 for a compressed body, 413 for a declared length over ``max_bytes`` (before reading it)."""
-    if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-        raise UnsupportedFormat("compressed request bodies are not accepted")
+    refuse_compressed(headers)
     length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise too_large(max_bytes)

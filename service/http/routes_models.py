@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.control import ControlPlane
-from service.errors import UnsupportedFormat
 from service.http.auth import require
+from service.http.bodies import refuse_compressed
 from service.http.downloads import stream
 from service.http.schemas import ErrorOut, JobOut, ModelList, ModelOut, SubmitOut, VersionOut
 from service.settings import Settings
@@ -65,8 +65,7 @@ async def upload(
 ) -> JSONResponse:
     control = plane(request)
     settings: Settings = request.app.state.settings
-    if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
-        raise UnsupportedFormat("compressed request bodies are not accepted; send the files as they are")
+    refuse_compressed(request.headers)
     length = request.headers.get("content-length")
     staged = await receive_upload(  # a client that disconnects midway gets BadRequest (and nothing stays staged)
         request.stream(),

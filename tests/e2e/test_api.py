@@ -12,6 +12,7 @@ import http.client
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,18 +46,20 @@ MISSING_JOB = "0" * 32
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    """No keys, the in-process worker on and polling fast."""
+    """No keys, the in-process worker on and polling fast, the access log on."""
     home = tmp_path_factory.mktemp("api-open") / "home"
-    with serving(home, poll_seconds="0.2", heartbeat_seconds="0.5") as proc:
+    settings = {"poll_seconds": "0.2", "heartbeat_seconds": "0.5", "access_log": "true", "log_level": "info"}
+    with serving(home, **settings) as proc:
         proc.extra["home"] = str(home)
         yield proc
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    """Admin and infer keys, no worker (jobs stay queued), no docs, idle connections kept 2 s."""
+    """Admin and infer keys, no worker (jobs stay queued), no docs, idle connections kept 2 s, info logs."""
     home = tmp_path_factory.mktemp("api-keyed") / "home"
     settings = {"admin_keys": ADMIN, "infer_keys": INFER, "run_worker": "false", "docs_enabled": "false"}
+    settings["log_level"] = "info"  # the access log stays off by default even so
     with serving(home, **settings, keep_alive_seconds="2") as proc:
         proc.extra["home"] = str(home)
         yield proc
@@ -407,3 +410,19 @@ def test_idle_keep_alive_connections_close_after_the_setting(keyed_server: Proc)
     finally:
         connection.close()
     assert 1.5 <= idle <= 4.0, f"closed after {idle:.1f} s idle, the setting is 2 s"
+
+
+@pytest.mark.parametrize(("server", "logged"), [("open_server", True), ("keyed_server", False)])
+def test_access_log_follows_the_setting(server: str, logged: bool, request: pytest.FixtureRequest) -> None:
+    """``SLIMSERVE_ACCESS_LOG``: one line per request when on; off by default (the keyed server)."""
+    proc: Proc = request.getfixturevalue(server)
+    marker = uuid.uuid4().hex
+    assert httpx.get(f"{proc.url}/v1/health", params={"probe": marker}, timeout=10).status_code == 200
+    deadline = time.monotonic() + 2  # the line is written just after the answer: give it a moment
+    while marker not in proc.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in proc.output().splitlines() if marker in line]
+    if logged:
+        assert len(lines) == 1 and "GET /v1/health" in lines[0] and "200" in lines[0], lines
+    else:
+        assert lines == []
