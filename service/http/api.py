@@ -16,7 +16,7 @@ from pydantic.json_schema import models_json_schema
 from service.control import ControlPlane
 from service.http import handlers, routes_jobs, routes_models, routes_serving, routes_v2
 from service.http.auth import KeyRing
-from service.http.infer_path import InferFastPath
+from service.http.infer_path import FastPathAPI
 from service.http.schemas import ErrorOut, InferRequestIn
 from service.protocol.codec import CodecLimits
 from service.serving.dataplane import DataPlane
@@ -38,7 +38,7 @@ def build_api(
 
     ``fast_path=False`` leaves the infer requests to FastAPI's routes (the parity test uses it).
     """
-    app = FastAPI(
+    app = FastPathAPI(
         title="slimserve",
         summary="Upload a model and sample data; get it back faster and smaller, inside your accuracy budget.",
         version="0.1.0",
@@ -59,8 +59,7 @@ def build_api(
         app.include_router(routes_serving.router)
         app.include_router(routes_v2.router)
         if fast_path:
-            app.add_middleware(
-                InferFastPath,
+            app.install_fast_path(
                 plane=dataplane,
                 keys=app.state.keys,
                 limits=app.state.codec_limits,

@@ -202,6 +202,27 @@ def test_in_flight_series_exist_only_for_registered_versions() -> None:
     assert value() == 0, "a detached decrement leaked into a re-registered series"
 
 
+def test_requests_are_counted_by_code_only_for_registered_versions() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    metrics = ServingMetrics(registry)
+
+    def count(code: str) -> float | None:
+        labels = {"model": "a", "version": "1", "code": code}
+        return registry.get_sample_value("slimserve_inference_requests_total", labels)
+
+    metrics.request("a", 1, 200, 0.01)
+    assert count("200") is None, "a request for an unregistered version made a series"
+    metrics.register("a", 1, None)
+    for code in (200, 200, 404, 418):  # a code outside the fixed set is counted as 500
+        metrics.request("a", 1, code, 0.01)
+    assert (count("200"), count("404"), count("500"), count("418")) == (2, 1, 1, None)
+    labels = {"model": "a", "version": "1"}
+    assert registry.get_sample_value("slimserve_inference_request_duration_seconds_count", labels) == 4
+    metrics.unregister("a", 1)
+    metrics.request("a", 1, 200, 0.01)
+    assert count("200") is None, "a request answered after the unload brought the series back"
+
+
 # --------------------------------------------------------------------------- against a real Prometheus
 
 
