@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ pytest.importorskip("httptools", reason="the load generator parses responses wit
 from bench.httpclient import Client
 from bench.kserve import HttpRequest
 from bench.loadgen import open_loop
-from bench.soak_bench import descriptor_floor
+from bench.soak_bench import Sampler, descriptor_floor
 from bench.soak_plot import draw
 
 
@@ -89,3 +92,27 @@ def test_open_loop_reports_a_timeline_and_the_soak_picture_draws_it(tmp_path: Pa
     picture = tmp_path / "soak.png"
     draw({"soak": {"rate": 200.0, "load": result.as_dict(), "samples": samples}}, picture)
     assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_soak_sampler_outlives_descriptors_closing_under_it() -> None:
+    """The soak's memory and descriptor sampler keeps sampling while descriptors come and go (a
+    descriptor listed and closed before it is read once stopped it for good, 140 s into a 600 s soak)."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            for sock in [socket.socket() for _ in range(50)]:
+                sock.close()
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    sampler = Sampler(os.getpid(), every=0.002)
+    sampler.start()
+    try:
+        time.sleep(1.5)
+    finally:
+        sampler.halt.set()
+        sampler.join()
+        stop.set()
+        churner.join()
+    assert sampler.samples[-1][0] >= 1.4, f"sampling stopped at {sampler.samples[-1][0]:.2f} s of 1.5"
