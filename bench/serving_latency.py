@@ -88,9 +88,8 @@ class Heavy:
 def heavy_server(work: Path, home: str, cpus: set[int] | None, settings: dict[str, str]) -> Iterator[Heavy]:
     """A server with the compute-bound MLP 64->4096->4096->10 uploaded as ``heavy`` and ready.
 
-    Part 4 and the soak's burst
-    use it: 22 ms per batch of 32 on one core, so the batch compute is what the server spends its
-    time on.
+    Part 4 and the soak's burst use it: 22 ms per batch of 32 on one core, so the batch compute is
+    what the server spends its time on.
     """
     from bench.serving_bench import JOB, build_mlp
 
