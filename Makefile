@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # Two test processes, each taking whole files (module fixtures start their servers once): the suite
-# waits on servers, workers and leases more than it computes, 13 min instead of 18 on 2 cores.
+# waits on servers, workers and leases more than it computes: 10-13 min instead of 18 on 2 cores.
 TEST_WORKERS ?= 2
 
 unit: $(STAMP) system-deps
