@@ -58,7 +58,7 @@ def _trace_sample(context: PassContext, inputs: list[str]) -> dict[str, np.ndarr
     return {name: np.ascontiguousarray(feed[name]) for name in inputs}
 
 
-#: Models onnx2torch could not convert, by (path, size, mtime): the three pruning ratios share one answer.
+#: Models onnx2torch could not convert, by (path, size, mtime): every pruning ratio shares one answer.
 _UNCONVERTIBLE: dict[tuple[str, int, int], str] = {}
 
 
