@@ -16,7 +16,8 @@ Four measurements in one run (each server is a real subprocess; see ``bench/serv
 3. Binary vs JSON: an MLP with 16384 float inputs (a 64 KB tensor), slimserve only.
 4. Latency: an open-loop constant rate at half of slimserve's peak from 2 (latency from the
    scheduled send time); p99 vs ``max_queue_delay`` + 2x the in-process compute time of a full batch.
-   Part ``latency-compute`` does the same on a compute-bound MLP (``bench/serving_latency.py``).
+   Parts ``latency-compute`` and ``latency-bert`` do the same on a memory-bound MLP and on the BERT
+   encoder of part 1 with one-sample requests (``bench/serving_latency.py`` says why three models).
 
 Helpers: ``bench/serving_procs.py`` (server processes, CPU pinning, ``/metrics`` means),
 ``bench/loadgen.py`` (the load generator), ``bench/httpclient.py`` (its HTTP client),
@@ -51,10 +52,10 @@ import numpy as np  # noqa: E402
 
 from bench import httpclient, kserve, loadgen  # noqa: E402
 from bench import serving_procs as procs  # noqa: E402
-from bench.serving_latency import at_half_peak, part_compute_bound  # noqa: E402
+from bench.serving_latency import at_half_peak, part_bert, part_compute_bound  # noqa: E402
 from bench.serving_report import add_output_args, machine, markdown, publish  # noqa: E402
 
-PARTS = ("efficiency", "overhead", "binary", "latency", "latency-compute")
+PARTS = ("efficiency", "overhead", "binary", "latency", "latency-compute", "latency-bert")
 #: The optimization job every upload runs: the cheapest recipe; version 1 (the original) is what we serve.
 JOB = {"techniques": ["graph"], "latency_seconds": 0.2, "fallback": False, "measure_memory": False, "deploy": False}
 
@@ -281,7 +282,7 @@ def parts_mlp(args: argparse.Namespace, work: Path, settings: dict[str, str], pa
                 results[f"slimserve_wide_{label}"]["body_bytes"] = len(request.body)
         if "latency" in parts:
             peak = args.rate * 2 if args.rate else results["slimserve_mlp_json"]["requests_per_s"]
-            results["latency"] = at_half_peak(args, server, "mlp", reference, mlp_json, peak, 64, settings)
+            results["latency"] = at_half_peak(args, server, "mlp", reference, mlp_json, peak, {"x": x}, settings)
         pin_self(None)
     return results
 
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bert-batch", type=int, default=32)
     parser.add_argument("--bert-layers", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument(
+        "--bert-latency-duration", type=float, default=60.0, help="measured seconds of part 4's open loop on BERT"
+    )
     parser.add_argument("--rate", type=float, help="open-loop rate for part 4 when part 2 is not run")
     parser.add_argument("--server-cpus", help="CPUs for the servers in parts 2-4 (default: all but the first)")
     parser.add_argument("--client-cpus", help="CPUs for the load generator in parts 2-4 (default: the first)")
@@ -347,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["mlp"] = parts_mlp(args, work, settings, parts)
         if "latency-compute" in parts:
             results["latency_compute"] = part_compute_bound(args, work, settings)
+        if "latency-bert" in parts:
+            results["latency_bert"] = part_bert(args, work, settings)
     info["load_after"] = os.getloadavg()[0]
     publish(markdown(info, results), {"machine": info, "results": results}, args.markdown, args.out)
     return 0

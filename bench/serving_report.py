@@ -116,8 +116,11 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
             f"{binary['requests_per_s']:.0f} vs {plain['requests_per_s']:.0f} ({ratio:.1f}x) | >= 1.5x | "
             f"{status(ratio >= 1.5)} |"
         )
-    for label, lat in (("MLP JSON", mlp.get("latency")), ("compute-bound MLP 64-4096-4096-10, JSON",
-                                                            results.get("latency_compute"))):  # fmt: skip
+    for label, lat in (
+        ("MLP JSON", mlp.get("latency")),
+        ("memory-bound MLP 64-4096-4096-10, JSON", results.get("latency_compute")),
+        ("BERT encoder, one-sample binary requests", results.get("latency_bert")),
+    ):
         if lat:
             lines.append(_latency_row(label, lat))
     lines += [
@@ -128,12 +131,11 @@ def markdown(info: dict[str, Any], results: dict[str, Any]) -> str:
     ]
     runs = {"1 slimserve BERT": eff["served"]} if eff else {}
     runs.update({name.replace("_", " "): mlp[name] for name in mlp if name.startswith(("slimserve_", "litserve_"))})
-    if "latency_compute" in results:
-        runs["slimserve heavy json"] = results["latency_compute"]["closed_loop"]
+    named = (("latency_compute", "slimserve heavy json"), ("latency_bert", "slimserve bert one-sample binary"))
+    runs.update({name: results[key]["closed_loop"] for key, name in named if key in results})
     if "latency" in mlp:
         runs["slimserve mlp json, open loop"] = mlp["latency"]["open_loop"]
-    if "latency_compute" in results:
-        runs["slimserve heavy json, open loop"] = results["latency_compute"]["open_loop"]
+    runs.update({f"{name}, open loop": results[key]["open_loop"] for key, name in named if key in results})
     for name, run in runs.items():
         lat = run["latency_ms"]
         server_cpu = "-" if run["server_cpu"] is None else f"{run['server_cpu']:.0%}"
