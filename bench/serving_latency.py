@@ -3,7 +3,7 @@
 The bound is ``max_queue_delay`` plus twice the compute time of a full batch: a request may wait
 for batch-mates up to the delay, then for the batch already running, then for its own. It is the
 latency a batcher adds when the model's compute is what the server spends its time on. It is
-measured twice:
+measured three times:
 
 - on the tiny MLP of part 2 (0.1 ms per batch of 32), where the bound (about 2.2 ms) is smaller
   than parsing and answering the request in Python (about 0.4 ms of CPU per request on one core,

@@ -70,8 +70,8 @@ def default_recipes(device: str, vnni: bool = True, finetune_search: str = "none
 
 #: Structured pruning ratios (percent of each prunable layer's channels) in the default recipes.
 #: 60 sits between 50 and 70 because on the MobileNet-like benchmark CNN it is where the accuracy
-#: budget of one point still holds (+0.2-0.7 points over three seeds) at 4-4.7x, where 50 gave
-#: 2.3-2.5x and 70 lost 1.8-3.1 points (bench/notes/pruning.md).
+#: budget of one point still holds (+0.2-0.7 points in four runs) at 4.0-4.7x, where 50 gave
+#: 2.3-3.0x and 70 lost 1.8-3.1 points (bench/notes/pruning.md).
 PRUNE_PERCENTS = (30, 50, 60, 70)
 #: Gradual pruning: about 10% of the channels per step, at most this many steps (time), with
 #: this many epochs of fine-tuning (labels + distillation) between two steps.
